@@ -1,0 +1,62 @@
+"""`refslm bench SUITE`: benchmarks reported as ratios against baselines run in the same process.
+
+Each suite is a module refslm.bench.SUITE with `arguments(parser)` and `run(args) -> int`.
+Shared helpers: `time_call` (median wall time) and `peak_extra_bytes` (tracemalloc peak above the
+starting point; NumPy reports its buffers to tracemalloc).
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+
+SUITES = {
+    "loss": "value + gradient of the KD losses (paper setting 4096 x 32064)",
+    "attention": "fused attention vs the NumPy reference",
+    "gemm": "matrix multiply GFLOP/s per backend",
+    "model": "first-token latency and decode tokens/s of a model per backend",
+    "paper": "the paper's encoder-decoder vs decoder-only efficiency claims",
+}
+
+
+def time_call(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Run fn warmup times, then repeat times; -> {'median_s', 'min_s', 'max_s'}."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated (NumPy buffers included) while fn runs, above what was live before."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return max(0, peak - base)
+
+
+def bench_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    for name, help_text in SUITES.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            module = importlib.import_module(f"refslm.bench.{name}")
+        except ModuleNotFoundError:
+            continue
+        module.arguments(p)
+
+
+def bench_command(args) -> int:
+    return int(importlib.import_module(f"refslm.bench.{args.suite}").run(args) or 0)

@@ -1,0 +1,204 @@
+"""Model configurations: the paper's encoder-decoder ("Mu") and the decoder-only layouts.
+
+Field names follow the public Mu code (n_encoder_layer, n_embd, qkv_embd, ...). The Llama / Phi-3
+layouts reuse the same fields; `from_hf_dict` maps Hugging Face config.json names onto them.
+SPEC.md section "Configurations" is the normative description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic")
+MASK_FILLS = ("finite_min", "-inf")
+ROPE_LAYOUTS = ("rotate_half", "interleaved")
+DO_LAYOUTS = ("mu", "llama", "phi3")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or contradicts another one."""
+
+
+def _check_positive_int(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class _AttentionFields:
+    """Fields shared by every layout (attention, RoPE, vocabulary, numerics)."""
+
+    n_embd: int = 1024
+    qkv_embd: int | None = 384  # width of q/k/v/out projections; None means n_embd
+    hidden_dim: int = 4096
+    n_head: int = 6
+    n_kv_head: int = 3
+    head_dim: int | None = None  # None means qkv_width // n_head
+    is_interleaved: bool = False  # GQA order: False = query head h uses kv head h % n_kv_head
+    block_size: int = 1024
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    rope_type: str = "dynamic"  # dynamic (Mu NTK, only when rope_factor > 1) | linear | default
+    rope_layout: str = "rotate_half"  # rotate_half | interleaved (pairs (2i, 2i+1))
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 32000
+    vocab_size: int = 32128
+    norm_eps: float = 1e-6
+    mask_fill: str = "finite_min"  # finite_min (public Mu text code) | -inf (Mu v2, Llama)
+
+    @property
+    def qkv_width(self) -> int:
+        """Width of the query projection output: n_head * head_dim."""
+        return self.n_head * self.resolved_head_dim
+
+    @property
+    def resolved_head_dim(self) -> int:
+        if self.head_dim is not None:
+            return self.head_dim
+        width = self.qkv_embd if self.qkv_embd is not None else self.n_embd
+        return width // self.n_head
+
+    def _validate_common(self) -> None:
+        _check_positive_int(self, "n_embd", "hidden_dim", "n_head", "n_kv_head", "block_size", "vocab_size")
+        if self.qkv_embd is not None:
+            _check_positive_int(self, "qkv_embd")
+        if self.head_dim is None:
+            width = self.qkv_embd if self.qkv_embd is not None else self.n_embd
+            if width % self.n_head:
+                raise ConfigError(
+                    f"qkv width {width} (qkv_embd or n_embd) must be divisible by n_head={self.n_head}"
+                )
+        else:
+            _check_positive_int(self, "head_dim")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.rope_factor < 1.0:
+            raise ConfigError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ConfigError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        if self.mask_fill not in MASK_FILLS:
+            raise ConfigError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name}={value} must be in [0, vocab_size={self.vocab_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, ignore_unknown: bool = True):
+        """Build from a dict; unknown keys (e.g. training-only `dropout`) are ignored unless asked."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown and not ignore_unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class EncoderDecoderConfig(_AttentionFields):
+    """The paper's encoder-decoder (public Mu text model). Defaults are the 330M preset."""
+
+    n_encoder_layer: int = 20
+    n_decoder_layer: int = 10
+    kind: str = field(default="encoder_decoder", init=False)
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check_positive_int(self, "n_encoder_layer", "n_decoder_layer")
+
+
+@dataclass
+class DecoderOnlyConfig(_AttentionFields):
+    """Decoder-only models.
+
+    layout "mu": the paper's matched baseline, built from the Mu decoder block without cross
+    attention (biases, GELU-tanh MLP, tied head). layout "llama": Hugging Face Llama (SwiGLU, no
+    biases unless attention_bias/mlp_bias). layout "phi3": Llama numerics with Phi-3's fused
+    qkv_proj and gate_up_proj tensors in the checkpoint.
+    """
+
+    n_layer: int = 30
+    layout: str = "mu"
+    attention_bias: bool | None = None  # None: True for "mu", False otherwise
+    mlp_bias: bool | None = None
+    tie_word_embeddings: bool = True
+    kind: str = field(default="decoder_only", init=False)
+
+    def __post_init__(self) -> None:
+        if self.layout not in DO_LAYOUTS:
+            raise ConfigError(f"layout must be one of {DO_LAYOUTS}, got {self.layout!r}")
+        if self.attention_bias is None:
+            self.attention_bias = self.layout == "mu"
+        if self.mlp_bias is None:
+            self.mlp_bias = self.layout == "mu"
+        self._validate_common()
+        _check_positive_int(self, "n_layer")
+
+    @property
+    def mlp_kind(self) -> str:
+        """'gelu_tanh' (Mu: fc1 -> gelu -> fc2) or 'swiglu' (Llama: down(silu(gate) * up))."""
+        return "gelu_tanh" if self.layout == "mu" else "swiglu"
+
+
+def paper_330m() -> EncoderDecoderConfig:
+    """The paper's 330M text model (20 encoder + 10 decoder layers, width 1024, GQA 6/3)."""
+    return EncoderDecoderConfig()
+
+
+def paper_330m_decoder_only() -> DecoderOnlyConfig:
+    """Decoder-only baseline of the paper's 330M model: Mu blocks without cross-attention.
+
+    The layer count is chosen so that the parameter count is as close as possible to the
+    encoder-decoder's: E encoder blocks (attn + mlp) and D decoder blocks (2 attn + mlp) hold
+    E*(a+m) + D*(2a+m); n_layer = round of that divided by (a+m). For the 330M preset that is 31.
+    """
+    base = paper_330m()
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(_AttentionFields)}
+    c, q, kv = base.n_embd, base.qkv_width, base.n_kv_head * base.resolved_head_dim
+    attn = c * (2 * q + 2 * kv) + 2 * q + 2 * kv + c
+    mlp = 2 * c * base.hidden_dim + base.hidden_dim + c
+    total = base.n_encoder_layer * (attn + mlp) + base.n_decoder_layer * (2 * attn + mlp)
+    return DecoderOnlyConfig(**fields, n_layer=round(total / (attn + mlp)), layout="mu")
+
+
+def tiny_encoder_decoder(**overrides: Any) -> EncoderDecoderConfig:
+    """A small configuration with every code path on (GQA, qkv_embd != n_embd), for tests."""
+    values: dict[str, Any] = dict(
+        n_encoder_layer=2, n_decoder_layer=1, n_embd=64, qkv_embd=48, hidden_dim=128, n_head=6,
+        n_kv_head=2, vocab_size=512, eos_token_id=2, block_size=32,
+    )
+    values.update(overrides)
+    return EncoderDecoderConfig(**values)
+
+
+def tiny_decoder_only(**overrides: Any) -> DecoderOnlyConfig:
+    """A small decoder-only configuration for tests (layout 'mu' unless overridden)."""
+    values: dict[str, Any] = dict(
+        n_layer=2, n_embd=64, qkv_embd=48, hidden_dim=128, n_head=6, n_kv_head=2, vocab_size=512,
+        eos_token_id=2, block_size=32,
+    )
+    values.update(overrides)
+    return DecoderOnlyConfig(**values)
+
+
+PRESETS = {
+    "paper-330m": paper_330m,
+    "paper-330m-decoder-only": paper_330m_decoder_only,
+    "tiny": tiny_encoder_decoder,
+    "tiny-decoder-only": tiny_decoder_only,
+}

@@ -1,0 +1,247 @@
+"""The NumPy reference ops: small pure functions, shapes in their docstrings.
+
+Every function computes in the floating dtype of its inputs (float32 or float64); SPEC.md section
+"Ops" is the normative definition. Nothing here imports an optional package.
+
+Shape letters: B batch, T time (Tq queries, Tk keys), C model width, H heads (Hq query heads,
+Hkv key/value heads), D head_dim, V vocabulary, F MLP hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+GELU_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+def check_float(name: str, x: np.ndarray) -> None:
+    """Raise TypeError unless x is a float32 or float64 ndarray."""
+    if not isinstance(x, np.ndarray) or x.dtype.type not in FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(f"{name} must be a float32 or float64 ndarray, got {got}")
+
+
+# ---------------------------------------------------------------- normalisation and activations
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, unit_offset: bool = False) -> np.ndarray:
+    """[..., C], [C] -> [..., C]: x / sqrt(mean(x^2) + eps) * w  (w replaced by 1 + w if unit_offset).
+
+    The normalisation runs in float32 at least (float64 stays float64), then is cast back to x's
+    dtype before the weight multiply, as the public Mu and Llama code do.
+    """
+    acc = np.promote_types(x.dtype, np.float32)
+    xa = x.astype(acc, copy=False)
+    normed = (xa / np.sqrt(np.mean(xa * xa, axis=-1, keepdims=True) + eps)).astype(x.dtype, copy=False)
+    scale = (1.0 + weight) if unit_offset else weight
+    return normed * scale.astype(x.dtype, copy=False)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """[...] -> [...]: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(x.dtype.type(GELU_TANH_C) * (x + x.dtype.type(0.044715) * x**3)))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """[...] -> [...]: 0.5 x (1 + erf(x / sqrt(2))) (exact GELU; erf from math.erf, correctly rounded)."""
+    e = _erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64).astype(x.dtype)
+    return 0.5 * x * (1.0 + e)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """[...] -> [...]: x * sigmoid(x), evaluated without overflow for large |x|."""
+    return x * sigmoid(x)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """[...] -> [...]: 1 / (1 + exp(-x)), stable for both signs."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf, "silu": silu}
+
+
+def activation(x: np.ndarray, kind: str) -> np.ndarray:
+    """[...] -> [...]: the activation named kind ('gelu_tanh', 'gelu_erf', 'silu')."""
+    try:
+        fn = ACTIVATIONS[kind]
+    except KeyError:
+        raise ValueError(f"activation kind must be one of {sorted(ACTIVATIONS)}, got {kind!r}") from None
+    return fn(x)
+
+
+def gated(gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
+    """[..., F], [..., F] -> [..., F]: act(gate) * up. SwiGLU is kind='silu', GeGLU 'gelu_tanh'/'gelu_erf'."""
+    return activation(gate, kind) * up
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """[...] -> [...]: exp(x - max) / sum exp(x - max). Rows of all -inf give NaN (undefined)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """[...] -> [...]: x - logsumexp(x). -inf entries stay -inf."""
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - (m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)))
+
+
+# ---------------------------------------------------------------- linear maps
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """[..., in], [out, in], [out] -> [..., out]: x @ W^T + b (PyTorch Linear layout)."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """[B, T] int, [V, C] -> [B, T, C]: rows of the table. Ids outside [0, V) raise ValueError."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        bad = ids[(ids < 0) | (ids >= table.shape[0])][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {table.shape[0]})")
+    return table[ids]
+
+
+# ---------------------------------------------------------------- rotary position embedding
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """-> [D/2] float64: theta^(-2j/D) for j = 0 .. D/2-1."""
+    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: float, block_size: int) -> float:
+    """Dynamic NTK base (Mu and HF 'dynamic'): unchanged unless factor > 1 and seq_len > block_size.
+
+    L = max(seq_len, block_size); theta' = theta * (factor L / block_size - (factor - 1))^(D / (D - 2)).
+    """
+    if factor <= 1.0:
+        return theta
+    length = max(seq_len, block_size)
+    return theta * ((factor * length / block_size) - (factor - 1.0)) ** (head_dim / (head_dim - 2))
+
+
+def centred_positions(length: int) -> np.ndarray:
+    """-> [L] int64: p - (L-1)//2 for p in 0..L-1 (the public Mu encoder's bidirectional positions)."""
+    return np.arange(length, dtype=np.int64) - (length - 1) // 2
+
+
+def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str = "rotate_half",
+                 linear_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """[..., T] positions -> cos, sin [..., T, D] float64.
+
+    angle[t, j] = (pos[t] / linear_factor) * inv_freq[j]. rotate_half repeats the D/2 angles as
+    cat(a, a); interleaved repeats each angle twice (a0, a0, a1, a1, ...).
+    """
+    angles = (np.asarray(positions, dtype=np.float64) / linear_factor)[..., None] * rope_inv_freq(head_dim, theta)
+    if layout == "rotate_half":
+        full = np.concatenate([angles, angles], axis=-1)
+    elif layout == "interleaved":
+        full = np.repeat(angles, 2, axis=-1)
+    else:
+        raise ValueError(f"rope layout must be 'rotate_half' or 'interleaved', got {layout!r}")
+    return np.cos(full), np.sin(full)
+
+
+def rotate(x: np.ndarray, layout: str) -> np.ndarray:
+    """[..., D] -> [..., D]: rotate_half: (-x2, x1) of the halves; interleaved: (-x1, x0) of each pair."""
+    if layout == "rotate_half":
+        half = x.shape[-1] // 2
+        return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = np.empty_like(x)
+    out[..., 0::2] = -x[..., 1::2]
+    out[..., 1::2] = x[..., 0::2]
+    return out
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str = "rotate_half") -> np.ndarray:
+    """[B, H, T, D], cos/sin [B or 1, T, D] -> [B, H, T, D]: x cos + rotate(x) sin (in x's dtype)."""
+    c = cos.astype(x.dtype, copy=False)[:, None]
+    s = sin.astype(x.dtype, copy=False)[:, None]
+    return x * c + rotate(x, layout) * s
+
+
+# ---------------------------------------------------------------- attention
+
+
+def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    """[B, T, H*D] -> [B, H, T, D]."""
+    b, t, width = x.shape
+    return x.reshape(b, t, n_head, width // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """[B, H, T, D] -> [B, T, H*D]."""
+    b, h, t, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def repeat_kv(x: np.ndarray, n_rep: int, interleaved: bool) -> np.ndarray:
+    """[B, Hkv, T, D] -> [B, Hkv*n_rep, T, D].
+
+    interleaved=False (public Mu text default): query head h uses kv head h % Hkv (block repeat).
+    interleaved=True (Llama, Mu v2): query head h uses kv head h // n_rep (each head repeated).
+    """
+    if n_rep == 1:
+        return x
+    return np.repeat(x, n_rep, axis=1) if interleaved else np.tile(x, (1, n_rep, 1, 1))
+
+
+def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: int, tk: int,
+                   q_start: int = 0) -> np.ndarray | None:
+    """-> [B, 1, Tq, Tk] bool (True = may attend), or None when nothing is masked.
+
+    key_mask [B, Tk] bool marks real (non-pad) keys. causal: query i sits at absolute position
+    q_start + i and sees keys j <= q_start + i (keys are positions 0..Tk-1).
+    """
+    allowed = None
+    if key_mask is not None:
+        allowed = np.broadcast_to(np.asarray(key_mask, dtype=bool)[:, None, None, :], (batch, 1, tq, tk))
+    if causal:
+        tri = np.arange(tk)[None, :] <= (q_start + np.arange(tq))[:, None]
+        allowed = tri[None, None] if allowed is None else (allowed & tri[None, None])
+    return allowed
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarray | None = None,
+              causal: bool = False, q_start: int = 0, interleaved: bool = False,
+              mask_fill: str = "finite_min") -> np.ndarray:
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
+
+    scores = Q K^T; masked entries set to the fill; scores / sqrt(D); softmax over keys; @ V.
+    mask_fill 'finite_min': the dtype's most negative finite value (a fully masked row becomes the
+    uniform average of all values, as in the public Mu code). '-inf': masked keys get exactly zero
+    weight; a fully masked row is defined as zeros (never NaN).
+    """
+    b, hq, tq, d = q.shape
+    n_rep = hq // k.shape[1]
+    k = repeat_kv(k, n_rep, interleaved)
+    v = repeat_kv(v, n_rep, interleaved)
+    scores = q @ k.transpose(0, 1, 3, 2)
+    allowed = attention_mask(key_mask, causal, b, tq, k.shape[2], q_start)
+    if allowed is not None:
+        fill = np.finfo(q.dtype).min if mask_fill == "finite_min" else -np.inf
+        scores = np.where(allowed, scores, q.dtype.type(fill))
+    scores = scores / q.dtype.type(math.sqrt(d))
+    if mask_fill == "-inf" and allowed is not None:
+        empty = ~np.any(allowed, axis=-1, keepdims=True)
+        scores = np.where(empty, q.dtype.type(0), scores)
+        weights = np.where(empty, q.dtype.type(0), softmax(scores, axis=-1))
+    else:
+        weights = softmax(scores, axis=-1)
+    return weights @ v
