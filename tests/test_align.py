@@ -1,0 +1,273 @@
+"""Paper alignment: batches checked id by id against hand derivations, the index map against a fake
+teacher whose logits encode exactly the tokens it has seen, vocabulary maps and on-policy KD batches."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refslm import align
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 0
+
+
+# ---------------------------------------------------------------- hand-written batches
+
+
+def test_paper_batch_every_id():
+    # encoder_len 4, decoder_len 3; the second source (5 tokens) loses its LAST token to truncation.
+    sources = [[5, 6], [7, 8, 9, 10, 11]]
+    targets = [[20, EOS], [21, 22, EOS]]
+    kd = align.kd_batch_from_targets(sources, targets, encoder_len=4, decoder_len=3, pad_id=PAD, bos_id=BOS)
+    np.testing.assert_array_equal(kd.encoder_input_ids, [[5, 6, 0, 0], [7, 8, 9, 10]])
+    np.testing.assert_array_equal(kd.labels, [[20, 2, 0], [21, 22, 2]])
+    np.testing.assert_array_equal(kd.decoder_input_ids, [[1, 20, 2], [1, 21, 22]])
+    np.testing.assert_array_equal(kd.teacher_input_ids, [[0, 0, 5, 6, 20, 2, 0], [7, 8, 9, 10, 21, 22, 2]])
+    np.testing.assert_array_equal(kd.teacher_attention_mask, [[0, 0, 1, 1, 1, 1, 0], [1] * 7])
+    # teacher position 3 (last source token) predicts target token 0, 4 predicts 1, 5 predicts 2
+    np.testing.assert_array_equal(kd.index_map, [[3, 4, 5], [3, 4, 5]])
+    np.testing.assert_array_equal(kd.valid_mask, [[1, 1, 0], [1, 1, 1]])
+    for name in ("encoder_input_ids", "decoder_input_ids", "labels", "teacher_input_ids", "index_map"):
+        assert getattr(kd, name).dtype == np.int64, name
+    assert kd.teacher_attention_mask.dtype == bool and kd.valid_mask.dtype == bool
+
+
+def test_paper_teacher_batch_segments_and_source_ends():
+    teacher = align.paper_teacher_batch([[5, 6], [7, 8, 9]], [[20], [21, 22]], encoder_len=3, decoder_len=2, pad_id=PAD)
+    np.testing.assert_array_equal(teacher.input_ids, [[0, 5, 6, 20, 0], [7, 8, 9, 21, 22]])
+    np.testing.assert_array_equal(teacher.segment_ids, [[0, 1, 1, 1, 0], [2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(teacher.source_ends, [3, 3])
+    np.testing.assert_array_equal(teacher.target_lengths, [1, 2])
+    np.testing.assert_array_equal(teacher.rows, [0, 1])
+
+
+def test_public_fixed_slice_is_the_special_case():
+    enc, dec, vocab = 5, 4, 7
+    teacher = align.paper_teacher_batch(
+        [[3], [4, 5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14, 15]], encoder_len=enc, decoder_len=dec, pad_id=PAD
+    )
+    positions, valid = align.index_map(teacher, dec)
+    np.testing.assert_array_equal(positions, np.broadcast_to(enc - 1 + np.arange(dec), (2, dec)))
+    logits = np.random.default_rng(0).standard_normal((2, enc + dec, vocab))
+    every = np.ones_like(valid)
+    np.testing.assert_array_equal(
+        align.gather_teacher_logits(logits, positions, every), logits[:, enc - 1 : enc - 1 + dec, :]
+    )
+    # with the validity mask, padding rows become 0 and the rest is unchanged
+    masked = align.gather_teacher_logits(logits, positions, valid)
+    np.testing.assert_array_equal(masked[0, 2:], 0.0)
+    np.testing.assert_array_equal(masked[0, :2], logits[0, enc - 1 : enc + 1])
+
+
+def test_right_padded_rows_every_index():
+    teacher = align.right_padded_teacher_batch([[5, 6], [7, 8, 9]], [[20, EOS], [21]], pad_id=PAD)
+    np.testing.assert_array_equal(teacher.input_ids, [[5, 6, 20, 2], [7, 8, 9, 21]])
+    np.testing.assert_array_equal(teacher.source_ends, [2, 3])
+    positions, valid = align.index_map(teacher, 3)
+    # row 1: position 3 - 1 + 2 = 4 is past the row (length 4): the logit does not exist
+    np.testing.assert_array_equal(positions, [[1, 2, 3], [2, 3, -1]])
+    np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 0, 0]])
+
+
+def test_packed_rows_every_index():
+    teacher = align.packed_teacher_batch([[5], [7, 8], [9, 9, 9]], [[20, EOS], [21], [22]], row_length=6, pad_id=PAD)
+    np.testing.assert_array_equal(teacher.input_ids, [[5, 20, 2, 7, 8, 21], [9, 9, 9, 22, 0, 0]])
+    np.testing.assert_array_equal(teacher.segment_ids, [[1, 1, 1, 2, 2, 2], [3, 3, 3, 3, 0, 0]])
+    np.testing.assert_array_equal(teacher.rows, [0, 0, 1])
+    np.testing.assert_array_equal(teacher.source_ends, [1, 5, 3])
+    positions, valid = align.index_map(teacher, 2)
+    np.testing.assert_array_equal(positions, [[0, 1], [4, 5], [2, 3]])
+    np.testing.assert_array_equal(valid, [[1, 1], [1, 0], [1, 0]])
+    logits = np.arange(2 * 6, dtype=np.float64).reshape(2, 6, 1)  # logit = 6 * row + position
+    gathered = align.gather_teacher_logits(logits, positions, valid, rows=teacher.rows)
+    np.testing.assert_array_equal(gathered[..., 0], [[0, 1], [4, 0], [8, 0]])
+
+
+def test_teacher_token_of_maps_and_unaligned():
+    teacher = align.right_padded_teacher_batch([[5, 6]], [[20, 21, 22]], pad_id=PAD)
+    positions, valid = align.index_map(teacher, 4, teacher_token_of=np.array([[0, 2, -1, 3]]))
+    # teacher token j sits at 2 + j and is predicted at 1 + j; token 3 does not exist (3 target tokens)
+    np.testing.assert_array_equal(positions, [[1, 3, -1, 4]])
+    np.testing.assert_array_equal(valid, [[1, 1, 0, 0]])
+
+
+# ---------------------------------------------------------------- the prefix property
+
+
+def prefix_code(tokens) -> float:
+    """An exact (float64-representable) hash of a token sequence."""
+    code = len(tokens)
+    for tok in tokens:
+        code = (code * 1_000_003 + int(tok)) % 2_147_483_647
+    return float(code)
+
+
+def fake_teacher_logits(teacher: align.TeacherBatch) -> np.ndarray:
+    """[R, T, 1]: at position p, the code of the tokens a causal teacher sees there (mask and segment)."""
+    ids, mask, seg = teacher.input_ids, teacher.attention_mask, teacher.segment_ids
+    out = np.empty(ids.shape + (1,))
+    for r in range(ids.shape[0]):
+        for p in range(ids.shape[1]):
+            seen = [ids[r, q] for q in range(p + 1) if mask[r, q] and seg[r, q] == seg[r, p]]
+            out[r, p, 0] = prefix_code(seen)
+    return out
+
+
+pairs = st.lists(
+    st.tuples(
+        st.lists(st.integers(1, 40), min_size=1, max_size=6), st.lists(st.integers(1, 40), min_size=1, max_size=5)
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    pairs=pairs,
+    layout=st.sampled_from(["paper", "right_padded", "packed"]),
+    enc=st.integers(1, 7),
+    extra=st.integers(0, 2),
+)
+def test_aligned_logit_has_seen_exactly_source_and_target_prefix(pairs, layout, enc, extra):
+    sources, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+    dec = max(len(t) for t in targets) + extra
+    if layout == "paper":
+        teacher = align.paper_teacher_batch(sources, targets, encoder_len=enc, decoder_len=dec, pad_id=PAD)
+        sources = [s[:enc] for s in sources]  # truncation keeps the first encoder_len tokens
+    elif layout == "right_padded":
+        teacher = align.right_padded_teacher_batch(sources, targets, pad_id=PAD)
+    else:
+        teacher = align.packed_teacher_batch(sources, targets, row_length=11 + extra, pad_id=PAD)
+    positions, valid = align.index_map(teacher, dec)
+    gathered = align.gather_teacher_logits(fake_teacher_logits(teacher), positions, valid, rows=teacher.rows)
+    for b, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        np.testing.assert_array_equal(valid[b], np.arange(dec) < len(target))
+        for t in range(len(target)):
+            assert gathered[b, t, 0] == prefix_code(list(source) + list(target[:t])), (b, t)
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def test_vocab_cut_to_min_is_the_public_rule_and_a_view():
+    student, teacher = np.zeros((2, 3, 32128)), np.ones((2, 3, 32064))
+    vmap = align.vocab_map(32128, 32064, cut_to_min=True)
+    s, t = vmap.restrict(student, teacher)
+    assert s.shape == t.shape == (2, 3, 32064)
+    assert np.shares_memory(s, student) and np.shares_memory(t, teacher)
+
+
+def test_vocab_sizes_differ_without_rule_is_an_error():
+    with pytest.raises(ValueError, match=r"student vocabulary \(10\) and teacher vocabulary \(8\) differ.*cut_to_min"):
+        align.vocab_map(10, 8)
+    assert len(align.vocab_map(8, 8).student_ids) == 8
+
+
+def test_vocab_id_pairs_and_gradient_expansion():
+    vmap = align.vocab_map(4, 3, id_pairs=np.array([[3, 0], [1, 2]]))
+    student = np.array([[10.0, 11.0, 12.0, 13.0]])
+    teacher = np.array([[20.0, 21.0, 22.0]])
+    s, t = vmap.restrict(student, teacher)
+    np.testing.assert_array_equal(s, [[13.0, 11.0]])
+    np.testing.assert_array_equal(t, [[20.0, 22.0]])
+    np.testing.assert_array_equal(vmap.expand_student_grad(np.array([[0.5, -0.5]])), [[0.0, -0.5, 0.0, 0.5]])
+    with pytest.raises(ValueError, match="student id more than once"):
+        align.vocab_map(4, 3, id_pairs=np.array([[1, 0], [1, 2]]))
+    with pytest.raises(ValueError, match=r"teacher ids must be in \[0, 3\)"):
+        align.vocab_map(4, 3, id_pairs=np.array([[1, 3]]))
+    with pytest.raises(ValueError, match="last axis must be 4"):
+        vmap.restrict(np.zeros((1, 5)), teacher)
+
+
+# ---------------------------------------------------------------- on-policy targets
+
+
+class ScriptedStudent:
+    """Stands in for a model: `generate` returns fixed rows and records its arguments."""
+
+    def __init__(self, rows):
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.calls = []
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        self.calls.append((input_ids.copy(), max_new_tokens, kwargs))
+        return self.rows[:, :max_new_tokens]
+
+
+def test_on_policy_kd_batch_eos_unk_and_sampling_settings():
+    # tokenizer has 50 ids; the student's vocabulary is larger. Row 0 stops at EOS (then keeps
+    # emitting EOS); row 1 never emits EOS and samples ids 50 and 57, which become UNK (= PAD = 0).
+    student = ScriptedStudent([[30, EOS, EOS, EOS], [50, 31, 57, 32]])
+    kd = align.kd_batch(
+        student, [[5, 6, 7], [8]], encoder_len=2, decoder_len=4, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK,
+        tokenizer_size=50, seed=7,
+    )
+    (input_ids, max_new, kwargs), = student.calls
+    np.testing.assert_array_equal(input_ids, [[5, 6], [8, 0]])
+    assert max_new == 4
+    assert kwargs == dict(greedy=False, temperature=0.9, top_k=128, top_p=None, seed=7, eos_token_id=EOS)
+    np.testing.assert_array_equal(kd.labels, [[30, 2, 0, 0], [0, 31, 0, 32]])
+    np.testing.assert_array_equal(kd.decoder_input_ids, [[1, 30, 2, 0], [1, 0, 31, 0]])
+    np.testing.assert_array_equal(kd.teacher_input_ids, [[5, 6, 30, 2, 0, 0], [0, 8, 0, 31, 0, 32]])
+    # UNK == PAD, so the replaced tokens are masked out of the teacher's attention (public behaviour)
+    np.testing.assert_array_equal(kd.teacher_attention_mask, [[1, 1, 1, 1, 0, 0], [0, 1, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(kd.index_map, [[1, 2, 3, 4]] * 2)
+    np.testing.assert_array_equal(kd.valid_mask, [[1, 1, 0, 0], [1, 1, 1, 1]])
+
+
+def test_out_of_vocab_public_off_by_one():
+    ids = np.array([49, 50, 51])
+    np.testing.assert_array_equal(align.replace_out_of_vocab(ids, 50, 0), [49, 0, 0])
+    np.testing.assert_array_equal(align.replace_out_of_vocab(ids, 50, 0, public_off_by_one=True), [49, 50, 0])
+
+
+def test_generate_with_wrong_shape_is_an_error():
+    with pytest.raises(ValueError, match="student.generate returned shape"):
+        align.sample_on_policy_targets(
+            ScriptedStudent([[3, 4]]), np.array([[5]]), max_new_tokens=4, eos_id=EOS, unk_id=UNK, tokenizer_size=50
+        )
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "sources, targets, message",
+    [
+        ([[]], [[3]], r"sources\[0\]: is empty"),
+        ([[3]], [[]], r"targets\[0\]: is empty"),
+        ([], [], "sources: expected at least one sequence"),
+        ([[3, 99]], [[3]], r"sources\[0\]: token id 99 is outside \[0, 50\)"),
+        ([[3]], [[-1]], r"targets\[0\]: token id -1 is outside"),
+        ([[3]], [[1.5]], "must be integers"),
+        ([[3], [4]], [[5]], "sources has 2 rows but targets has 1"),
+        ([[3]], [[4, 5, 6, 7]], r"targets\[0\] has 4 tokens, more than decoder_len=3"),
+    ],
+)
+def test_bad_input_is_a_clear_error(sources, targets, message):
+    with pytest.raises(ValueError, match=message):
+        align.kd_batch_from_targets(
+            sources, targets, encoder_len=2, decoder_len=3, pad_id=PAD, bos_id=BOS, vocab_size=50
+        )
+
+
+def test_truncate_target_keeps_the_first_tokens():
+    kd = align.kd_batch_from_targets(
+        [[3]], [[4, 5, 6, 7]], encoder_len=2, decoder_len=3, pad_id=PAD, bos_id=BOS, truncate_target=True
+    )
+    np.testing.assert_array_equal(kd.labels, [[4, 5, 6]])
+    np.testing.assert_array_equal(kd.decoder_input_ids, [[1, 4, 5]])
+    np.testing.assert_array_equal(kd.teacher_input_ids, [[0, 3, 4, 5, 6]])
+
+
+def test_gather_rejects_a_mask_on_a_missing_logit():
+    with pytest.raises(ValueError, match="outside"):
+        align.gather_teacher_logits(np.zeros((1, 3, 2)), np.array([[1, -1]]), np.array([[True, True]]))
+    with pytest.raises(ValueError, match="pass rows"):
+        align.gather_teacher_logits(np.zeros((1, 3, 2)), np.zeros((2, 2), np.int64), np.ones((2, 2), bool))
+
+
+def test_packed_pair_longer_than_row_is_an_error():
+    with pytest.raises(ValueError, match="pair 0 has 5 tokens, more than row_length=4"):
+        align.packed_teacher_batch([[3, 3, 3]], [[4, 4]], row_length=4, pad_id=PAD)
