@@ -15,6 +15,8 @@ log q = log_softmax(z) (student), log p = log_softmax(u) (teacher).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from .ops import check_float
@@ -228,3 +230,496 @@ def _check_rows(kind, student, teacher, targets, row_weight, temperature, beta, 
                                  or grad_out.dtype != student.dtype):
         raise ValueError(f"grad_out must be an ndarray of shape {student.shape} and dtype {student.dtype}")
     return student, teacher, targets, row_weight
+
+
+# ---------------------------------------------------------------- the streaming kernel
+
+
+def loss_rows_streaming(kind: str, student: np.ndarray, teacher: np.ndarray | None, targets: np.ndarray | None,
+                        row_weight: np.ndarray, *, temperature: float, beta: float, label_smoothing: float,
+                        chunk_rows: int, chunk_vocab: int,
+                        grad_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`loss_rows` (same arguments and results) computed chunk_rows x chunk_vocab at a time.
+
+    Per block of rows: an online-logsumexp pass over vocabulary chunks (student and teacher), a
+    value pass (sums of the value terms e and gradient terms a), and a gradient pass writing
+    a - q sum a into grad_out chunk by chunk. Temporaries never exceed a few chunk_rows x
+    chunk_vocab arrays. Equal to `loss_rows` up to rounding (the logsumexp shifts differ).
+    """
+    student, teacher, targets, row_weight = _check_rows(kind, student, teacher, targets, row_weight,
+                                                        temperature, beta, label_smoothing, grad_out)
+    chunk_rows, chunk_vocab = _check_chunks((chunk_rows, chunk_vocab))
+    grad = np.empty_like(student) if grad_out is None else grad_out
+    values = np.zeros(student.shape[0])
+    for rows in _blocks(student.shape[0], chunk_rows):
+        values[rows] = _stream_block(kind, student[rows], None if teacher is None else teacher[rows],
+                                     None if targets is None else targets[rows], row_weight[rows], temperature,
+                                     beta, label_smoothing, chunk_vocab, grad[rows], accumulate=False)
+    return values, grad
+
+
+def _blocks(size: int, step: int) -> list[slice]:
+    """Consecutive slices of at most step covering range(size)."""
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def _stream_block(kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, chunk_vocab,
+                  grad, *, accumulate: bool) -> np.ndarray:
+    """One block of rows of loss_rows_streaming: -> values [r] float64; grad [r, V] written or added to."""
+    dtype = student.dtype.type
+    vocab = student.shape[1]
+    columns = _blocks(vocab, chunk_vocab)
+    lse_s = _online_logsumexp(student, temperature, columns, "student", row_weight)
+    lse_t = None if teacher is None else _online_logsumexp(teacher, temperature, columns, "teacher", row_weight)
+
+    def chunk_terms(cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        log_q = student[:, cols] / dtype(temperature) - lse_s[:, None]
+        if teacher is None:
+            other = _target_weights(targets, label_smoothing, vocab, cols.start, cols.stop, student.dtype)
+        else:
+            other = teacher[:, cols] / dtype(temperature) - lse_t[:, None]
+        return (log_q, *_terms(kind, log_q, other, beta))
+
+    values = np.zeros(student.shape[0])
+    a_sum = np.zeros(student.shape[0])
+    for cols in columns:
+        _, e, a = chunk_terms(cols)
+        values += np.sum(e, axis=-1, dtype=np.float64)
+        a_sum += np.sum(a, axis=-1, dtype=np.float64)
+    scale = (row_weight / temperature)[:, None].astype(student.dtype)
+    dropped = row_weight == 0
+    for cols in columns:
+        log_q, _, a = chunk_terms(cols)
+        with np.errstate(invalid="ignore"):
+            g = (a - np.exp(log_q) * a_sum[:, None].astype(student.dtype)) * scale
+        g[dropped] = 0
+        if accumulate:
+            grad[:, cols] += g
+        else:
+            grad[:, cols] = g
+    values[dropped] = 0.0
+    return values
+
+
+def _online_logsumexp(x: np.ndarray, temperature: float, columns: list[slice], name: str,
+                      row_weight: np.ndarray) -> np.ndarray:
+    """x [r, V] -> [r] in x's dtype: logsumexp(x / T) over column chunks, running max and rescaled sum."""
+    dtype = x.dtype.type
+    shift = np.full(x.shape[0], NEG_INF)
+    total = np.zeros(x.shape[0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        for cols in columns:
+            z = x[:, cols] / dtype(temperature)
+            new_shift = np.maximum(shift, np.max(z, axis=-1))
+            safe = np.where(np.isfinite(new_shift), new_shift, 0.0)
+            total = total * np.exp(shift - safe) + np.sum(np.exp(z - safe.astype(x.dtype)[:, None]), axis=-1,
+                                                         dtype=np.float64)
+            shift = new_shift
+        with np.errstate(divide="ignore"):
+            lse = np.where(np.isfinite(shift), shift, 0.0) + np.log(total)
+    _check_logsumexp(lse, name, row_weight)
+    return lse.astype(x.dtype)
+
+
+def _check_chunks(chunk_size) -> tuple[int, int]:
+    """chunk_size -> (chunk_rows, chunk_vocab), both positive ints."""
+    try:
+        chunk_rows, chunk_vocab = (int(c) for c in chunk_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"chunk_size must be (chunk_rows, chunk_vocab), got {chunk_size!r}") from None
+    if chunk_rows < 1 or chunk_vocab < 1:
+        raise ValueError(f"chunk_size entries must be >= 1, got {chunk_size!r}")
+    return chunk_rows, chunk_vocab
+
+
+# ---------------------------------------------------------------- plans: which terms, which row weights
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+DIVERGENCES = KINDS[1:]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One kernel call: sum_i row_weight[i] * values_i of `kind` on student columns [0, columns)."""
+
+    kind: str
+    row_weight: np.ndarray  # [N] float64: mask, reduction denominator, alpha and T^2 folded in
+    columns: int
+    temperature: float = 1.0
+    beta: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """Terms summed into one loss over N rows; teacher [N, Vt] / targets [N] as the terms need."""
+
+    terms: tuple[LossTerm, ...]
+    teacher: np.ndarray | None
+    targets: np.ndarray | None
+    leading: tuple[int, ...]  # the rows' shape, [N] or [B, T]: the value's shape for reduction "none"
+    per_row: bool
+
+    def rows(self, rows: slice) -> LossPlan:
+        """The same plan restricted to a block of rows."""
+        terms = tuple(replace(t, row_weight=t.row_weight[rows]) for t in self.terms)
+        return replace(self, terms=terms, teacher=None if self.teacher is None else self.teacher[rows],
+                       targets=None if self.targets is None else self.targets[rows])
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Student logits given as hidden [..., C] @ weight[V, C]^T, for the fused form.
+
+    Passing a LinearHead as `student` to any loss computes it chunk_rows rows at a time without
+    materialising [N, V]; the gradient returned is then (grad_hidden [..., C], grad_weight [V, C]).
+    """
+
+    hidden: np.ndarray
+    weight: np.ndarray
+    chunk_rows: int = 1024
+
+    def __post_init__(self):
+        check_float("hidden", self.hidden)
+        check_float("lm_head", self.weight)
+        if self.hidden.ndim not in (2, 3) or self.weight.ndim != 2 or self.weight.shape[1] != self.hidden.shape[-1]:
+            raise ValueError(f"hidden must be [N, C] or [B, T, C] and lm_head [V, C] with the same C, got "
+                             f"{self.hidden.shape} and {self.weight.shape}")
+        if self.hidden.dtype != self.weight.dtype:
+            raise ValueError(f"hidden and lm_head must share a dtype, got {self.hidden.dtype} and {self.weight.dtype}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.hidden.shape[:-1], self.weight.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.hidden.dtype
+
+
+def _check_student(student) -> tuple[tuple[int, ...], int]:
+    """student logits [N, V] | [B, T, V] (or a LinearHead) -> (leading shape, V)."""
+    if not isinstance(student, LinearHead):
+        check_float("student", student)
+        if student.ndim not in (2, 3) or student.shape[-1] == 0:
+            raise ValueError(f"student logits must be [N, V] or [B, T, V] with V >= 1, got {student.shape}")
+    return tuple(student.shape[:-1]), student.shape[-1]
+
+
+def _check_teacher(student, teacher, vocab_policy: str) -> tuple[np.ndarray, int]:
+    """-> (teacher as [N, Vt], the number of leading vocabulary columns both share)."""
+    check_float("teacher", teacher)
+    if teacher.shape[:-1] != student.shape[:-1] or teacher.dtype != student.dtype:
+        raise ValueError(f"teacher logits must have student's leading shape {student.shape[:-1]} and dtype "
+                         f"{student.dtype}, got {teacher.shape} {teacher.dtype}")
+    if vocab_policy not in ("error", "truncate"):
+        raise ValueError(f"vocab_policy must be 'error' or 'truncate', got {vocab_policy!r}")
+    if teacher.shape[-1] != student.shape[-1] and vocab_policy == "error":
+        raise ValueError(f"student vocabulary {student.shape[-1]} != teacher vocabulary {teacher.shape[-1]}; pass "
+                         "vocab_policy='truncate' to cut both to the smaller one")
+    return teacher.reshape(-1, teacher.shape[-1]), min(teacher.shape[-1], student.shape[-1])
+
+
+def _check_ids(name: str, ids, leading: tuple[int, ...]) -> np.ndarray:
+    """Integer ids of the rows' shape -> [N] int64."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu" or ids.shape != leading:
+        raise ValueError(f"{name} must be an integer array of shape {leading}, got {ids.dtype} {ids.shape}")
+    return ids.reshape(-1).astype(np.int64, copy=False)
+
+
+def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.ndarray | None:
+    """[N] bool of the rows that count (mask True, or labels != ignore_index), or None when unmasked."""
+    if mask is not None and labels is not None:
+        raise ValueError("give mask or labels, not both")
+    if labels is not None:
+        return _check_ids("labels", labels, leading) != ignore_index
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.shape != leading:
+        raise ValueError(f"mask must be a bool array of shape {leading}, got {mask.dtype} {mask.shape}")
+    return mask.reshape(-1)
+
+
+def row_weights(leading: tuple[int, ...], kept: np.ndarray | None, reduction: str, coefficient: float) -> np.ndarray:
+    """[N] float64 weights w with loss = sum_i w_i values_i for a reduction (SPEC "Losses", Reductions).
+
+    none / sum: w = c * kept; mean: c * kept / #kept; batchmean: c / leading[0] when unmasked
+    (kept None, PyTorch), c * kept / #kept when masked (TRL). Zero kept rows: all weights 0.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    n = int(np.prod(leading))
+    keep = np.ones(n, dtype=bool) if kept is None else kept
+    if reduction in ("none", "sum"):
+        denominator = 1
+    elif reduction == "batchmean" and kept is None:
+        denominator = leading[0]
+    else:
+        denominator = int(keep.sum())
+    if denominator == 0:
+        return np.zeros(n)
+    return keep * (coefficient / denominator)
+
+
+def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
+    """-> the coefficient of the divergence: T^2 if scale_by_t2 else 1."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature) ** 2 if scale_by_t2 else 1.0
+
+
+def _check_fraction(name: str, x: float) -> float:
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {x}")
+    return float(x)
+
+
+# ---------------------------------------------------------------- evaluating a plan: direct, streaming, fused
+
+
+def evaluate(plan: LossPlan, student, *, backend="numpy", chunk_size=None, grad_out=None):
+    """Value and gradient of a plan: direct (backend kernel), streaming (chunk_size) or fused (LinearHead).
+
+    student: logits [N, V] | [B, T, V], or a LinearHead. Returns (value, grad): value a float64
+    scalar, or [N] | [B, T] float64 for reduction "none"; grad like student (written into grad_out
+    when given), or (grad_hidden, grad_weight) for a LinearHead.
+    """
+    from .backends import get_backend
+
+    kernel = get_backend(backend)
+    if isinstance(student, LinearHead):
+        if chunk_size is not None or grad_out is not None:
+            raise ValueError("chunk_size and grad_out do not apply to a LinearHead (use its chunk_rows)")
+        per_row, grad = _evaluate_fused(plan, student, kernel)
+    else:
+        grad = _grad_buffer(student, grad_out)
+        student2d, grad2d = student.reshape(-1, student.shape[-1]), grad.reshape(-1, student.shape[-1])
+        if chunk_size is None:
+            per_row = _evaluate_direct(plan, student2d, kernel, grad2d)
+        elif kernel.name != "numpy":
+            raise ValueError(f"chunk_size selects the NumPy streaming form; backend {kernel.name!r} tiles itself")
+        else:
+            per_row = _evaluate_streaming(plan, student2d, _check_chunks(chunk_size), grad2d)
+    value = per_row.reshape(plan.leading) if plan.per_row else np.float64(per_row.sum())
+    return value, grad
+
+
+def _grad_buffer(student: np.ndarray, grad_out: np.ndarray | None) -> np.ndarray:
+    if grad_out is None:
+        return np.empty_like(student)
+    if (not isinstance(grad_out, np.ndarray) or grad_out.shape != student.shape or grad_out.dtype != student.dtype
+            or not grad_out.flags.c_contiguous):
+        raise ValueError(f"grad_out must be a C-contiguous ndarray of shape {student.shape} and dtype {student.dtype}")
+    return grad_out
+
+
+def _kernel_arguments(plan: LossPlan, term: LossTerm, student: np.ndarray) -> tuple:
+    """Positional arguments of loss_rows for one term: (kind, student, teacher, targets, row_weight)."""
+    cols = slice(0, term.columns)
+    teacher = None if term.kind == "cross_entropy" else plan.teacher[:, cols]
+    targets = plan.targets if term.kind == "cross_entropy" else None
+    return term.kind, student[:, cols], teacher, targets, term.row_weight
+
+
+def _evaluate_direct(plan: LossPlan, student: np.ndarray, kernel, grad: np.ndarray) -> np.ndarray:
+    """Direct form: each term through kernel.loss_rows on whole rows; -> per-row weighted values [N]."""
+    on_host = isinstance(kernel.asarray(np.zeros(1)), np.ndarray)
+    per_row = np.zeros(student.shape[0])
+    for k, term in enumerate(plan.terms):
+        kind, s, t, targets, weight = _kernel_arguments(plan, term, student)
+        into = grad[:, :term.columns] if k == 0 and on_host else None
+        values, g = kernel.loss_rows(kind, kernel.asarray(s), None if t is None else kernel.asarray(t), targets,
+                                     weight, temperature=term.temperature, beta=term.beta,
+                                     label_smoothing=term.label_smoothing, grad_out=into)
+        if k == 0:
+            grad[:, term.columns:] = 0
+            if into is None:
+                grad[:, :term.columns] = kernel.to_numpy(g)
+        else:
+            grad[:, :term.columns] += kernel.to_numpy(g)
+        per_row += weight * values
+    return per_row
+
+
+def _evaluate_streaming(plan: LossPlan, student: np.ndarray, chunks: tuple[int, int], grad: np.ndarray) -> np.ndarray:
+    """Streaming form: blocks of chunk_rows rows, each term streamed over chunk_vocab columns."""
+    chunk_rows, chunk_vocab = chunks
+    for term in plan.terms:  # validate once, before any work
+        _check_rows(*_kernel_arguments(plan, term, student), term.temperature, term.beta, term.label_smoothing, None)
+    per_row = np.zeros(student.shape[0])
+    for rows in _blocks(student.shape[0], chunk_rows):
+        block = plan.rows(rows)
+        if block.terms[0].columns < student.shape[1]:
+            grad[rows] = 0
+        for k, term in enumerate(block.terms):
+            kind, s, t, targets, weight = _kernel_arguments(block, term, student[rows])
+            values = _stream_block(kind, s, t, targets, weight, term.temperature, term.beta, term.label_smoothing,
+                                   chunk_vocab, grad[rows, :term.columns],
+                                   accumulate=k > 0 or term.columns < student.shape[1])
+            per_row[rows] += weight * values
+    return per_row
+
+
+def _evaluate_fused(plan: LossPlan, head: LinearHead, kernel) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Fused form: per block of rows, logits = hidden @ W^T, the direct form, then the two matmuls back."""
+    hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
+    weight = head.weight
+    grad_hidden = np.empty_like(hidden)
+    grad_weight = np.zeros_like(weight)
+    per_row = np.zeros(hidden.shape[0])
+    logits = np.empty((min(head.chunk_rows, hidden.shape[0]), weight.shape[0]), dtype=hidden.dtype)
+    grad_logits = np.empty_like(logits)
+    for rows in _blocks(hidden.shape[0], head.chunk_rows):
+        r = rows.stop - rows.start
+        np.matmul(hidden[rows], weight.T, out=logits[:r])
+        per_row[rows] = _evaluate_direct(plan.rows(rows), logits[:r], kernel, grad_logits[:r])
+        np.matmul(grad_logits[:r], weight, out=grad_hidden[rows])
+        grad_weight += grad_logits[:r].T @ hidden[rows]
+    return per_row, (grad_hidden.reshape(head.hidden.shape), grad_weight)
+
+
+# ---------------------------------------------------------------- public losses
+
+
+def cross_entropy(student, targets, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean", backend="numpy", chunk_size=None, grad_out=None):
+    """Cross-entropy of student logits [N, V] | [B, T, V] against target ids [N] | [B, T].
+
+    Rows whose target equals ignore_index are dropped (value 0, gradient 0); the others must lie in
+    [0, V). label_smoothing eps mixes the one-hot target with eps / V (PyTorch's definition).
+    reduction "mean" (default, PyTorch) and "batchmean" divide by the kept rows, "sum" sums,
+    "none" gives per-row values. backend names the kernel (direct form); chunk_size
+    (chunk_rows, chunk_vocab) selects the streaming form; a LinearHead student the fused form.
+    Returns (value, grad_student_logits); see `evaluate`.
+    """
+    leading, _ = _check_student(student)
+    targets = _check_ids("targets", targets, leading)
+    weights = row_weights(leading, targets != ignore_index, reduction, 1.0)
+    term = LossTerm("cross_entropy", weights, student.shape[-1],
+                    label_smoothing=_check_fraction("label_smoothing", label_smoothing))
+    plan = LossPlan((term,), None, targets, leading, reduction == "none")
+    return evaluate(plan, student, backend=backend, chunk_size=chunk_size, grad_out=grad_out)
+
+
+def divergence(kind: str, student, teacher, *, beta: float = 0.0, mask=None, labels=None, ignore_index: int = -100,
+               temperature: float = 1.0, scale_by_t2: bool = False, reduction: str = "batchmean",
+               vocab_policy: str = "error", backend="numpy", chunk_size=None, grad_out=None):
+    """A divergence between teacher and student logits ([N, V] | [B, T, V], same dtype), per token.
+
+    kind: "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl" (see loss_rows); beta is
+    the JSD interpolation or the skew alpha. Rows: mask (bool, True keeps) or labels with
+    ignore_index select the tokens that count. temperature T divides both logits; scale_by_t2
+    multiplies the loss by T^2. reduction: "batchmean" (default) = sum / leading dimension when
+    unmasked (PyTorch) and sum / kept tokens when masked (TRL); "mean" = sum / kept tokens; "sum";
+    "none" (per-token values, masked ones 0). vocab_policy "error" rejects different vocabulary
+    sizes, "truncate" cuts both to the smaller one (gradient 0 on the student's extra columns).
+    Returns (value, grad_student_logits); see `evaluate` for backend / chunk_size / grad_out.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"divergence kind must be one of {DIVERGENCES}, got {kind!r}")
+    leading, _ = _check_student(student)
+    teacher2d, columns = _check_teacher(student, teacher, vocab_policy)
+    coefficient = _check_temperature(temperature, scale_by_t2)
+    weights = row_weights(leading, _kept_rows(leading, mask, labels, ignore_index), reduction, coefficient)
+    term = LossTerm(kind, weights, columns, float(temperature), _check_fraction("beta", beta))
+    plan = LossPlan((term,), teacher2d, None, leading, reduction == "none")
+    return evaluate(plan, student, backend=backend, chunk_size=chunk_size, grad_out=grad_out)
+
+
+def forward_kl(student, teacher, **options):
+    """KL(p_teacher || q_student) per token; options as `divergence`. -> (value, grad_student_logits)."""
+    return divergence("forward_kl", student, teacher, **options)
+
+
+def reverse_kl(student, teacher, **options):
+    """KL(q_student || p_teacher) per token (the paper's choice); options as `divergence`."""
+    return divergence("reverse_kl", student, teacher, **options)
+
+
+def generalized_jsd(student, teacher, beta: float = 0.5, **options):
+    """TRL GKD's generalized JSD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q.
+
+    beta 0 is forward_kl and beta 1 reverse_kl exactly (as TRL special-cases them); options as
+    `divergence`.
+    """
+    return divergence("jsd", student, teacher, beta=beta, **options)
+
+
+def skew_kl(student, teacher, alpha: float = 0.1, **options):
+    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); options as `divergence`."""
+    return divergence("skew_kl", student, teacher, beta=alpha, **options)
+
+
+def skew_reverse_kl(student, teacher, alpha: float = 0.1, **options):
+    """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); options as `divergence`."""
+    return divergence("skew_reverse_kl", student, teacher, beta=alpha, **options)
+
+
+def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | None = None, mode: str = "paper",
+            beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False, ignore_index: int = 0,
+            label_smoothing: float = 0.0, vocab_policy: str | None = None, backend="numpy", chunk_size=None,
+            grad_out=None):
+    """The paper's objective alpha * KD + (1 - alpha) * CE on one set of student logits.
+
+    student [N, V] | [B, T, V], teacher [..., Vt], targets [N] | [B, T] ids (ignore_index, default
+    Mu's pad id 0, marks padding). CE is on the student's full vocabulary at temperature 1, mean
+    over kept tokens. KD per mode:
+      "paper": divergence (default "reverse_kl", as the paper's text says; any divergence kind, beta
+        its parameter), temperature / scale_by_t2, masked by targets != ignore_index, sum / kept
+        tokens; vocab_policy default "error".
+      "public_code": exactly microsoft/encoder-decoder-slm: forward KL, no mask, batchmean over all
+        B*T rows, both vocabularies cut to the smaller one; divergence, temperature, scale_by_t2,
+        label_smoothing and vocab_policy must be left at their defaults (or name that behaviour).
+    alpha 0 is the CE alone and alpha 1 the KD alone (the other term is not evaluated).
+    Returns (value, grad_student_logits); see `evaluate` for backend / chunk_size / grad_out.
+    """
+    leading, vocab = _check_student(student)
+    alpha = _check_fraction("alpha", alpha)
+    targets = _check_ids("targets", targets, leading)
+    kept = targets != ignore_index
+    if mode == "paper":
+        kind, policy, kd_kept = divergence or "reverse_kl", vocab_policy or "error", kept
+    elif mode == "public_code":
+        if divergence not in (None, "forward_kl") or vocab_policy not in (None, "truncate") or temperature != 1.0 \
+                or scale_by_t2 or label_smoothing != 0.0:
+            raise ValueError("mode='public_code' is forward KL at temperature 1 without T^2, label smoothing or a "
+                             "vocabulary error: leave divergence, temperature, scale_by_t2, label_smoothing and "
+                             "vocab_policy unset")
+        kind, policy, kd_kept = "forward_kl", "truncate", None
+    else:
+        raise ValueError(f"mode must be 'paper' or 'public_code', got {mode!r}")
+    if kind not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
+    teacher2d, columns = _check_teacher(student, teacher, policy)
+    coefficient = alpha * _check_temperature(temperature, scale_by_t2)
+    rows = (int(np.prod(leading)),)  # KD batchmean counts every token (the code flattens to [B*T, V])
+    terms = (LossTerm(kind, row_weights(rows, kd_kept, "batchmean", coefficient), columns, float(temperature),
+                      _check_fraction("beta", beta)),
+             LossTerm("cross_entropy", row_weights(leading, kept, "mean", 1.0 - alpha), vocab,
+                      label_smoothing=_check_fraction("label_smoothing", label_smoothing)))
+    plan = LossPlan(terms, teacher2d, targets, leading, False)
+    return evaluate(plan, student, backend=backend, chunk_size=chunk_size, grad_out=grad_out)
+
+
+LOSSES = {"cross_entropy": cross_entropy, "forward_kl": forward_kl, "reverse_kl": reverse_kl,
+          "generalized_jsd": generalized_jsd, "skew_kl": skew_kl, "skew_reverse_kl": skew_reverse_kl,
+          "kd_loss": kd_loss}
+
+
+def fused_linear_loss(hidden: np.ndarray, lm_head: np.ndarray, *inputs, loss: str = "kd_loss",
+                      chunk_rows: int = 1024, **options):
+    """Liger-style fused head + loss: hidden [N, C] | [B, T, C], lm_head [V, C] -> (value, grad_hidden, grad_lm_head).
+
+    Logits hidden @ lm_head^T are formed chunk_rows rows at a time and never held whole. loss names
+    one of LOSSES; inputs are its positional arguments after the student (teacher logits and/or
+    targets) and options its keywords, e.g.
+    fused_linear_loss(h, W, teacher_logits, targets, loss="kd_loss", alpha=0.9).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    value, (grad_hidden, grad_lm_head) = LOSSES[loss](LinearHead(hidden, lm_head, chunk_rows), *inputs, **options)
+    return value, grad_hidden, grad_lm_head
