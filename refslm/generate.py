@@ -1,0 +1,183 @@
+"""KV-cached generation and seeded sampling for both model kinds.
+
+`CachedDecoder` is the step API (used by `generate`, the benchmarks and the golden suite):
+    dec = CachedDecoder(model, input_ids, max_new_tokens)   # encoder + cross K/V once, prefill
+    dec.logits                                               # [B, V] logits of the last position
+    dec.step(tokens)                                         # [B] new tokens -> [B, V] next logits
+Its logits equal those of `model.logits` over the whole prefix (SPEC.md "Generation"):
+  - encoder-decoder: the encoder runs once, each decoder block's cross-attention K/V are computed
+    once; the decoder prefix starts with [BOS] (or the given decoder_input_ids), positions 0..T-1.
+  - decoder-only: the prompt is LEFT padded with pad ids; token t of row b sits at position
+    t - (leading pads of row b) (`models.left_padding_positions`); pad keys are masked.
+  - dynamic NTK (rope_type 'dynamic', rope_factor > 1): the RoPE base depends on the total length,
+    so once it exceeds block_size every cached key is stale; the decoder then recomputes the whole
+    prefix (and refills the cache) whenever the base changes, which keeps the logits exact.
+Sampling (`sample_tokens`) draws from an explicit numpy Generator(seed): a seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .models import Model, check_ids, leading_pads
+
+
+class KVCache:
+    """One block's self-attention keys and values, preallocated as [B, Hkv, capacity, D] backend arrays."""
+
+    def __init__(self, model: Model, batch: int, capacity: int):
+        cfg, be = model.config, model.backend
+        shape = (batch, cfg.n_kv_head, capacity, cfg.resolved_head_dim)
+        self.backend = be
+        self.k = be.empty(shape, np.dtype(model.dtype))
+        self.v = be.empty(shape, np.dtype(model.dtype))
+
+    def update(self, k: Any, v: Any, start: int) -> tuple[Any, Any]:
+        """Store k/v [B, Hkv, T, D] at times start..start+T-1 -> all keys/values [B, Hkv, start+T, D]."""
+        stop = start + k.shape[-2]
+        if stop > self.k.shape[-2]:
+            raise ValueError(f"KV cache capacity {self.k.shape[-2]} exceeded (needs {stop})")
+        self.backend.write_time(self.k, k, start)
+        self.backend.write_time(self.v, v, start)
+        return self.backend.time_slice(self.k, 0, stop), self.backend.time_slice(self.v, 0, stop)
+
+
+class CachedDecoder:
+    """Cached decoding of one batch: the constructor runs the encoder (encoder-decoder) and the prefill.
+
+    input_ids: encoder input [B, Te] (encoder-decoder) or LEFT-padded prompt [B, T] (decoder-only).
+    max_new_tokens: how many `step` calls the caches must hold. decoder_input_ids: encoder-decoder
+    decoder prefix [B, Td] (default one BOS column). After construction `logits` [B, V] holds the
+    logits of the last prefix position; `step` appends one token per row and returns the next ones.
+    """
+
+    def __init__(self, model: Model, input_ids: Any, max_new_tokens: int, decoder_input_ids: Any = None):
+        cfg = model.config
+        ids = check_ids("input_ids", input_ids, cfg.vocab_size)
+        batch = ids.shape[0]
+        self.model = model
+        self.cross = None
+        if model.is_encoder_decoder:
+            if decoder_input_ids is None:
+                decoder_input_ids = np.full((batch, 1), cfg.bos_token_id, dtype=np.int64)
+            prefix = check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
+            if prefix.shape[0] != batch:
+                raise ValueError(f"decoder_input_ids batch {prefix.shape[0]} != input_ids batch {batch}")
+            self.cross = model.cross_kv(model.encode(ids), ids)
+            self.offset = np.zeros((1, 1), dtype=np.int64)
+        else:
+            if decoder_input_ids is not None:
+                raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
+            prefix = ids
+            self.offset = leading_pads(ids, cfg.pad_token_id)[:, None]
+        capacity = prefix.shape[1] + max_new_tokens
+        self.ids = np.full((batch, capacity), cfg.pad_token_id, dtype=np.int64)  # every token so far
+        self.ids[:, :prefix.shape[1]] = prefix
+        self.length = prefix.shape[1]
+        self.caches = [KVCache(model, batch, capacity) for _ in model.weights.blocks]
+        self.logits = self._run(0)
+
+    def _positions(self, start: int, stop: int) -> np.ndarray:
+        """[B, stop-start] positions of times start..stop-1 (t - leading pads, never below 0)."""
+        return np.maximum(np.arange(start, stop)[None, :] - self.offset, 0)
+
+    def _run(self, start: int) -> np.ndarray:
+        """Run the decoder over times start..length-1 (caches hold 0..start-1) -> [B, V] last logits."""
+        self.base = self.model.rope_base(self.length)
+        logits = self.model.decode(self.ids[:, start:self.length], positions=self._positions(start, self.length),
+                                   mask_ids=self.ids[:, :self.length], start=start, caches=self.caches,
+                                   cross=self.cross, last_only=True)
+        return logits[:, -1]
+
+    def step(self, token_ids: Any) -> np.ndarray:
+        """[B] int next tokens -> [B, V] logits of the position after them (recomputed if the NTK base moved)."""
+        tokens = np.asarray(token_ids)
+        if tokens.shape != (self.ids.shape[0],) or tokens.dtype.kind not in "iu":
+            raise ValueError(f"token_ids must be an int array of shape ({self.ids.shape[0]},), got "
+                             f"{tokens.dtype} {tokens.shape}")
+        check_ids("token_ids", tokens[:, None], self.model.config.vocab_size)
+        if self.length >= self.ids.shape[1]:
+            raise ValueError(f"CachedDecoder capacity {self.ids.shape[1]} is full")
+        self.ids[:, self.length] = tokens
+        self.length += 1
+        stale = self.model.rope_base(self.length) != self.base
+        self.logits = self._run(0 if stale else self.length - 1)
+        return self.logits
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the argument unless temperature > 0, top_k >= 1, 0 < top_p <= 1."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_tokens(logits: np.ndarray, rng: np.random.Generator | None, *, greedy: bool = False,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """[B, V] logits -> [B] int64 tokens.
+
+    greedy: argmax (lowest id on ties; rng unused). Otherwise, in float64: z = logits / temperature;
+    tokens sorted by z descending (ties: lower id first); keep the first top_k; p = softmax over the
+    kept; top_p keeps the shortest prefix whose mass reaches top_p (the first token always); then
+    u = rng.random(B) picks, per row, the first kept token whose cumulative mass exceeds u * (kept mass).
+    """
+    if greedy:
+        return np.argmax(logits, axis=-1).astype(np.int64)
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    order = np.argsort(-z, axis=-1, kind="stable")
+    if top_k is not None:
+        order = order[:, :top_k]
+    z = np.take_along_axis(z, order, axis=-1)
+    p = np.exp(z - z[:, :1])
+    p /= p.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1:
+        p = np.where(np.cumsum(p, axis=-1) - p < top_p, p, 0.0)
+    cumulative = np.cumsum(p, axis=-1)
+    u = rng.random(p.shape[0])
+    index = np.sum(cumulative <= (u * cumulative[:, -1])[:, None], axis=-1)
+    index = np.minimum(index, np.sum(p > 0, axis=-1) - 1)  # u * mass rounding up to the mass
+    return order[np.arange(p.shape[0]), index].astype(np.int64)
+
+
+def generate(model: Model, input_ids: Any, max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_token_id: int | None = None) -> np.ndarray:
+    """New tokens [B, max_new_tokens] int64 (no BOS), KV-cached.
+
+    input_ids: encoder input (encoder-decoder; the decoder starts from BOS) or LEFT-padded prompt
+    (decoder-only). Each step samples with `sample_tokens` from Generator(seed). eos_token_id: a row
+    that has emitted it keeps emitting it; generation stops early once every row has (the rest of
+    the output is EOS). None: no stopping (pass model.config.eos_token_id to stop at the model's EOS).
+    """
+    if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not greedy:
+        check_sampling(temperature, top_k, top_p)
+    if eos_token_id is not None and not 0 <= eos_token_id < model.config.vocab_size:
+        raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {model.config.vocab_size})")
+    rng = np.random.default_rng(seed)
+    decoder = CachedDecoder(model, input_ids, max_new_tokens)
+    batch = decoder.ids.shape[0]
+    out = np.empty((batch, max_new_tokens), dtype=np.int64)
+    finished = np.zeros(batch, dtype=bool)
+    for i in range(max_new_tokens):
+        tokens = sample_tokens(decoder.logits, rng, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+        if eos_token_id is not None:
+            tokens = np.where(finished, eos_token_id, tokens)
+            finished |= tokens == eos_token_id
+        out[:, i] = tokens
+        if eos_token_id is not None and finished.all():
+            out[:, i + 1:] = eos_token_id
+            break
+        if i + 1 < max_new_tokens:
+            decoder.step(tokens)
+    return out
