@@ -1,0 +1,154 @@
+/* Attention with the exact semantics of refslm.ops.attention:
+ *   s_ij = (q_i . k_j, or FILL where masked) / sqrt(D); out_i = softmax_j(s_ij) @ V.
+ * FILL is the dtype's most negative finite value (MASK_FILL_FINITE: a fully masked row averages all
+ * values) or -inf (a fully masked row is zeros). A key j is allowed for query i when key_mask[b, j]
+ * (if given) and, if causal, j <= q_start + i. GQA: query head h reads kv head h / n_rep
+ * (interleaved) or h % Hkv (block order).
+ *
+ * q and out are dense [B, Hq, Tq, D]; k and v are strided views [B, Hkv, Tk, D] (element offset and
+ * strides of b, h, t; d contiguous) so a KV cache slice is read in place.
+ * Build defines: HEAD_DIM, MASK_FILL_FINITE (or not), and BQ/BK (flash_attention) or WG (row_attention).
+ */
+#include "common.h"
+
+#ifdef MASK_FILL_FINITE
+#define FILL (-REAL_MAX)
+#else
+#define FILL (-INFINITY)
+#endif
+
+#define KV_ARGS(p) __global const REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+
+inline int kv_head(int h, int Hkv, int n_rep, int interleaved) {
+    return interleaved ? h / n_rep : h % Hkv;
+}
+
+inline int key_allowed(int b, int i, int j, int Tk, int causal, int q_start, int has_mask,
+                       __global const uchar *key_mask) {
+    if (has_mask && !key_mask[(long)b * Tk + j]) return 0;
+    if (causal && j > q_start + i) return 0;
+    return 1;
+}
+
+#ifdef BQ
+/* One work-item per query row, BQ rows per work-group; keys stream through local memory in blocks of
+ * BK with an online (running max / running sum) softmax. Global (ceil(Tq/BQ)*BQ, B*Hq). */
+__kernel __attribute__((reqd_work_group_size(BQ, 1, 1)))
+void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
+                     const int interleaved, const int causal, const int q_start, const int has_mask,
+                     __global const uchar *key_mask, __global const REAL *q, KV_ARGS(k), KV_ARGS(v),
+                     __global REAL *out) {
+    __local REAL Ks[BK][HEAD_DIM];
+    __local REAL Vs[BK][HEAD_DIM];
+    const int lid = get_local_id(0);
+    const int i = get_group_id(0) * BQ + lid;
+    const int bh = get_group_id(1);
+    const int b = bh / Hq, h = bh % Hq;
+    const int hk = kv_head(h, Hkv, n_rep, interleaved);
+    const REAL scale_div = sqrt((REAL)HEAD_DIM);
+    const int active = i < Tq;
+
+    REAL qr[HEAD_DIM], acc[HEAD_DIM];
+    __global const REAL *qrow = q + ((long)bh * Tq + (active ? i : 0)) * HEAD_DIM;
+    for (int d = 0; d < HEAD_DIM; d++) {
+        qr[d] = qrow[d];
+        acc[d] = 0;
+    }
+    REAL m = -INFINITY, l = 0;
+    const long kbase = k_off + b * k_sb + hk * k_sh, vbase = v_off + b * v_sb + hk * v_sh;
+
+    for (int j0 = 0; j0 < Tk; j0 += BK) {
+        const int nb = min(BK, Tk - j0);
+        for (int e = lid; e < nb * HEAD_DIM; e += BQ) {
+            const int jj = e / HEAD_DIM, d = e % HEAD_DIM;
+            Ks[jj][d] = k[kbase + (long)(j0 + jj) * k_st + d];
+            Vs[jj][d] = v[vbase + (long)(j0 + jj) * v_st + d];
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (active) {
+            REAL s[BK];
+            REAL mb = -INFINITY;
+            for (int jj = 0; jj < nb; jj++) {
+                REAL dot = 0;
+                if (key_allowed(b, i, j0 + jj, Tk, causal, q_start, has_mask, key_mask)) {
+                    for (int d = 0; d < HEAD_DIM; d++) dot = fma(qr[d], Ks[jj][d], dot);
+                } else {
+                    dot = FILL;
+                }
+                s[jj] = dot / scale_div;
+                mb = fmax(mb, s[jj]);
+            }
+            const REAL m_new = fmax(m, mb);
+            if (m_new > -INFINITY) {
+                const REAL rescale = exp(m - m_new);
+                l *= rescale;
+                for (int d = 0; d < HEAD_DIM; d++) acc[d] *= rescale;
+                for (int jj = 0; jj < nb; jj++) {
+                    const REAL p = exp(s[jj] - m_new);
+                    l += p;
+                    for (int d = 0; d < HEAD_DIM; d++) acc[d] = fma(p, Vs[jj][d], acc[d]);
+                }
+                m = m_new;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (active) {
+        __global REAL *orow = out + ((long)bh * Tq + i) * HEAD_DIM;
+        for (int d = 0; d < HEAD_DIM; d++) orow[d] = l > 0 ? acc[d] / l : (REAL)0;
+    }
+}
+#endif
+
+#ifdef WG
+/* One work-group of WG work-items per (b, h, query row), for few query rows (decode steps over a KV
+ * cache): scores of all keys in parallel into `scores` [B*Hq*Tq, Tk], then max, sum and the weighted
+ * sum of V with work-items spread over D. Global (WG * B*Hq*Tq). */
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
+                   const int interleaved, const int causal, const int q_start, const int has_mask,
+                   __global const uchar *key_mask, __global const REAL *q, KV_ARGS(k), KV_ARGS(v),
+                   __global REAL *out, __global REAL *scores) {
+    __local REAL qs[HEAD_DIM];
+    __local REAL scratch[WG];
+    const int lid = get_local_id(0);
+    const long row = get_group_id(0);  /* (b * Hq + h) * Tq + i */
+    const int i = row % Tq;
+    const int bh = row / Tq;
+    const int b = bh / Hq, h = bh % Hq;
+    const int hk = kv_head(h, Hkv, n_rep, interleaved);
+    const REAL scale_div = sqrt((REAL)HEAD_DIM);
+    const long kbase = k_off + b * k_sb + hk * k_sh, vbase = v_off + b * v_sb + hk * v_sh;
+    __global REAL *srow = scores + row * Tk;
+
+    for (int d = lid; d < HEAD_DIM; d += WG) qs[d] = q[row * HEAD_DIM + d];
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    REAL m = -INFINITY;
+    for (int j = lid; j < Tk; j += WG) {
+        REAL dot = 0;
+        if (key_allowed(b, i, j, Tk, causal, q_start, has_mask, key_mask)) {
+            __global const REAL *kr = k + kbase + (long)j * k_st;
+            for (int d = 0; d < HEAD_DIM; d++) dot = fma(qs[d], kr[d], dot);
+        } else {
+            dot = FILL;
+        }
+        srow[j] = dot / scale_div;
+        m = fmax(m, srow[j]);
+    }
+    m = group_max(m, scratch);
+    REAL l = 0;
+    for (int j = lid; j < Tk; j += WG) {
+        const REAL p = m > -INFINITY ? exp(srow[j] - m) : (REAL)0;
+        srow[j] = p;
+        l += p;
+    }
+    l = group_sum(l, scratch);  /* its barriers also make srow visible to the whole work-group */
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    for (int d = lid; d < HEAD_DIM; d += WG) {
+        REAL acc = 0;
+        for (int j = 0; j < Tk; j++) acc = fma(srow[j], v[vbase + (long)j * v_st + d], acc);
+        out[row * HEAD_DIM + d] = l > 0 ? acc / l : (REAL)0;
+    }
+}
+#endif

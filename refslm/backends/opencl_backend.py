@@ -1,0 +1,600 @@
+"""The "opencl" backend: the backend interface on an OpenCL device through pyopencl.
+
+Arrays are `pyopencl.array.Array` on one device; weights are uploaded once by `asarray` and stay
+there, KV caches are device arrays written in place, and only token ids (in) and what the caller
+asks `to_numpy` for (out) cross the bus. Kernel sources live in kernels/opencl/*.cl (found through
+`refslm.resources.kernels_dir()`), are compiled once per (file, dtype, build options) and cached by
+the backend instance (pyopencl and the driver also cache binaries on disk).
+
+Device choice: the `device` argument or the environment variable REFSLM_OPENCL_DEVICE, either
+"PLATFORM:DEVICE" indices (as `refslm devices` lists them) or a case-insensitive substring of the
+device or platform name; otherwise the first GPU or accelerator, else the first device.
+Everything that keeps the backend from running (pyopencl missing, no platform, no matching device,
+a kernel that fails to build) raises BackendUnavailable naming the device, with the build log.
+
+float32 everywhere; float64 too where the device has cl_khr_fp64. `weight_storage="float16"` keeps
+the matrices given to `asarray` as half (read with vload_half, computed in the compute dtype),
+halving the bytes a decode step reads; it is offered where the device reports cl_khr_fp16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..resources import kernels_dir
+from . import BackendUnavailable
+from .base import Backend
+
+try:
+    import pyopencl as cl
+    import pyopencl.array as cla
+    import pyopencl.tools as cl_tools
+except ImportError as exc:  # the registry turns this into BackendUnavailable
+    raise ImportError(f"pyopencl is not installed ({exc}); install the extra: pip install 'refslm[opencl]'") from exc
+
+DEVICE_ENV = "REFSLM_OPENCL_DEVICE"
+GEMM_TILE_ENV = "REFSLM_OPENCL_GEMM_TILE"
+ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # kernels/opencl/common.h ACT_*
+LOSS_KIND_CODES = {"cross_entropy": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "skew_kl": 4,
+                   "skew_reverse_kl": 5}  # kernels/opencl/loss.cl KIND_*
+GEMV_MAX_M = 8  # gemm.cl GEMV_MAX_M: rows of A up to which linear uses the GEMV kernel
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Tiled GEMM shape: a tm x tn tile of C per work-group of (tn/rn, tm/rn) items, K in steps of tk."""
+
+    tm: int
+    tn: int
+    tk: int
+    rm: int
+    rn: int
+
+    @property
+    def local_size(self) -> tuple[int, int]:
+        return (self.tn // self.rn, self.tm // self.rm)
+
+    def defines(self) -> dict[str, int]:
+        return {"TM": self.tm, "TN": self.tn, "TK": self.tk, "RM": self.rm, "RN": self.rn}
+
+    @classmethod
+    def parse(cls, text: str) -> GemmTile:
+        """'TM,TN,TK,RM,RN' -> GemmTile (ValueError naming the expected form otherwise)."""
+        try:
+            tm, tn, tk, rm, rn = (int(p) for p in text.split(","))
+        except ValueError:
+            raise ValueError(f"GEMM tile must be 'TM,TN,TK,RM,RN' (five integers), got {text!r}") from None
+        return cls(tm, tn, tk, rm, rn)
+
+
+GPU_GEMM_TILE = GemmTile(128, 128, 16, 8, 8)
+CPU_GEMM_TILE = GemmTile(64, 64, 16, 4, 4)
+
+
+# ---------------------------------------------------------------- devices
+
+
+def list_devices() -> list[tuple[int, int, cl.Platform, cl.Device]]:
+    """-> [(platform index, device index, platform, device)] of every OpenCL device here ([] if none)."""
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # no ICD / no platform: pyopencl raises instead of returning []
+        return []
+    found = []
+    for p_index, platform in enumerate(platforms):
+        try:
+            devices = platform.get_devices()
+        except cl.Error:
+            continue
+        found.extend((p_index, d_index, platform, device) for d_index, device in enumerate(devices))
+    return found
+
+
+def describe(platform: cl.Platform, device: cl.Device) -> str:
+    """'device name (platform name, OpenCL version)'."""
+    return f"{device.name.strip()} ({platform.name.strip()}, {device.version.strip()})"
+
+
+PROBE_SOURCE = "__kernel void probe(__global float *x) { x[get_global_id(0)] = 1.0f; }"
+
+
+def open_device(platform: cl.Platform, device: cl.Device) -> cl.Context:
+    """A context on device, after building a one-line kernel (BackendUnavailable with the log if that fails).
+
+    Some drivers list a device whose compiler cannot target it (e.g. an LLVM too old for the host
+    CPU): the probe turns that into a clear error here rather than in the first real kernel.
+    """
+    try:
+        context = cl.Context([device])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cl.Program(context, PROBE_SOURCE).build()
+    except cl.Error as exc:
+        raise BackendUnavailable(f"OpenCL device {describe(platform, device)} cannot build kernels: {exc}") from exc
+    return context
+
+
+def select_device(spec: str | None = None) -> tuple[cl.Platform, cl.Device, cl.Context]:
+    """(platform, device, context) named by spec or REFSLM_OPENCL_DEVICE ('P:D' indices or a name substring).
+
+    Without a spec: the first GPU or accelerator that builds a kernel, else the first other device
+    that does. BackendUnavailable lists the devices and why each was refused.
+    """
+    spec = spec if spec is not None else os.environ.get(DEVICE_ENV) or None
+    found = list_devices()
+    if not found:
+        raise BackendUnavailable("no OpenCL platform or device found (is an ICD installed? Debian: apt-get "
+                                 "install pocl-opencl-icd gives a CPU device)")
+    if spec is None:
+        accelerator = cl.device_type.GPU | cl.device_type.ACCELERATOR
+        candidates = sorted(found, key=lambda f: not f[3].type & accelerator)  # stable: accelerators first
+    else:
+        parts = spec.split(":")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            candidates = [f for f in found if (f[0], f[1]) == (int(parts[0]), int(parts[1]))]
+        else:
+            needle = spec.lower()
+            candidates = [f for f in found if needle in f[3].name.lower() or needle in f[2].name.lower()]
+        if not candidates:
+            listing = "; ".join(f"{p}:{d} {describe(pl, dev)}" for p, d, pl, dev in found)
+            raise BackendUnavailable(f"no OpenCL device matches {spec!r} ({DEVICE_ENV} or device argument); "
+                                     f"available: {listing}")
+    refusals = []
+    for _, _, platform, device in candidates:
+        try:
+            return platform, device, open_device(platform, device)
+        except BackendUnavailable as exc:
+            refusals.append(str(exc))
+    raise BackendUnavailable("no usable OpenCL device:\n" + "\n".join(refusals))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class OpenCLBackend(Backend):
+    """Backend on one OpenCL device; arrays are pyopencl.array.Array.
+
+    device: 'P:D' or a name substring (default: REFSLM_OPENCL_DEVICE, else first GPU, else first
+    device). gemm_tile: GemmTile or 'TM,TN,TK,RM,RN' (default: REFSLM_OPENCL_GEMM_TILE, else chosen
+    by device type). weight_storage: 'compute' (weights in the compute dtype) or 'float16'.
+    row_attention_max_tq: query rows up to which attention uses the decode (row) kernel.
+    """
+
+    name = "opencl"
+
+    def __init__(self, device: str | None = None, gemm_tile: GemmTile | str | None = None,
+                 weight_storage: str = "compute", row_attention_max_tq: int = 4):
+        self.platform, self.device, self.context = select_device(device)
+        self.device_name = describe(self.platform, self.device)
+        try:
+            self.queue = cl.CommandQueue(self.context)
+        except cl.Error as exc:
+            raise BackendUnavailable(f"cannot open OpenCL device {self.device_name}: {exc}") from exc
+        self.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
+        extensions = self.device.extensions.split()
+        self.has_fp64 = "cl_khr_fp64" in extensions
+        self.has_fp16 = "cl_khr_fp16" in extensions
+        self.dtypes = ("float32", "float64") if self.has_fp64 else ("float32",)
+        self.is_gpu = bool(self.device.type & (cl.device_type.GPU | cl.device_type.ACCELERATOR))
+        if weight_storage not in ("compute", "float16"):
+            raise ValueError(f"weight_storage must be 'compute' or 'float16', got {weight_storage!r}")
+        if weight_storage == "float16" and not self.has_fp16:
+            raise BackendUnavailable(f"weight_storage='float16' needs cl_khr_fp16, which {self.device_name} lacks")
+        self.weight_storage = weight_storage
+        tile = gemm_tile if gemm_tile is not None else os.environ.get(GEMM_TILE_ENV) or None
+        tile = GemmTile.parse(tile) if isinstance(tile, str) else tile
+        self.gemm_tile = self._check_tile(tile or (GPU_GEMM_TILE if self.is_gpu else CPU_GEMM_TILE))
+        self.group_size = min(256, self.device.max_work_group_size)  # row and elementwise kernels
+        self.row_attention_max_tq = row_attention_max_tq
+        self._kernels: dict[tuple, cl.Kernel] = {}
+        self._rope_cache: tuple[np.ndarray, np.ndarray, object, object] | None = None
+
+    def __repr__(self) -> str:
+        return f"OpenCLBackend({self.device_name!r})"
+
+    # ---------------------------------------------------------------- programs
+
+    def _check_tile(self, tile: GemmTile) -> GemmTile:
+        lx, ly = tile.local_size
+        local_bytes = tile.tk * (tile.tm + tile.tn + 2) * 8
+        if tile.tm % tile.rm or tile.tn % tile.rn or lx * ly > self.device.max_work_group_size \
+                or local_bytes > self.device.local_mem_size:
+            raise ValueError(f"GEMM tile {tile} does not fit {self.device_name}: needs TM % RM == TN % RN == 0, "
+                             f"(TN/RN)*(TM/RM) <= {self.device.max_work_group_size} work-items and "
+                             f"local memory <= {self.device.local_mem_size} bytes")
+        return tile
+
+    def kernel(self, file: str, name: str, dtype: np.dtype, **defines: int) -> cl.Kernel:
+        """The kernel `name` of kernels/opencl/`file` built for dtype with -D defines (built once)."""
+        dtype = np.dtype(dtype)
+        key = (file, name, dtype.str, tuple(sorted(defines.items())))
+        if key not in self._kernels:
+            self._kernels[key] = getattr(self._build(file, dtype, defines), name)
+        return self._kernels[key]
+
+    def _build(self, file: str, dtype: np.dtype, defines: dict[str, int]) -> cl.Program:
+        source_dir = kernels_dir() / "opencl"
+        path = source_dir / file
+        options = ["-I", str(source_dir), f"-DREAL={'double' if dtype == np.float64 else 'float'}"]
+        options += ["-DREAL_IS_DOUBLE"] if dtype == np.float64 else []
+        options += ["-DHAS_FP64"] if self.has_fp64 else []
+        options += [f"-D{k}={v}" for k, v in defines.items()]
+        try:
+            source = path.read_text()
+        except OSError as exc:
+            raise BackendUnavailable(f"OpenCL kernel source {path} cannot be read: {exc}") from exc
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pyopencl warns with the (non-empty) build log of a success
+                return cl.Program(self.context, source).build(options=options)
+        except cl.Error as exc:
+            raise BackendUnavailable(f"OpenCL kernel {file} failed to build on {self.device_name} with "
+                                     f"{' '.join(options)}:\n{exc}") from exc
+
+    def _launch(self, kernel: cl.Kernel, global_size: tuple[int, ...], local_size: tuple[int, ...] | None,
+                *args) -> None:
+        kernel(self.queue, global_size, local_size, *args)
+
+    def _elementwise_size(self, total: int) -> tuple[tuple[int], tuple[int]]:
+        g = self.group_size
+        return (max(1, math.ceil(total / g)) * g,), (g,)
+
+    # ---------------------------------------------------------------- data movement
+
+    def _new(self, shape: tuple[int, ...], dtype) -> cla.Array:
+        return cla.empty(self.queue, tuple(int(s) for s in shape), np.dtype(dtype), allocator=self.allocator)
+
+    def _real(self, dtype) -> type:
+        return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+    def _check_dtype(self, *arrays: cla.Array) -> np.dtype:
+        dtype = arrays[0].dtype
+        if dtype.name not in self.dtypes:
+            raise TypeError(f"opencl backend on {self.device_name} computes in {self.dtypes}, got {dtype}")
+        for a in arrays[1:]:
+            if a.dtype != dtype:
+                raise TypeError(f"operands must share one dtype, got {dtype} and {a.dtype}")
+        return dtype
+
+    def asarray(self, x: np.ndarray) -> cla.Array:
+        """Host array -> device array (once per weight); float16 weight storage halves 2-D float matrices."""
+        x = np.ascontiguousarray(x)
+        if self.weight_storage == "float16" and x.ndim == 2 and x.dtype.kind == "f":
+            x = x.astype(np.float16)
+        return cla.to_device(self.queue, x, allocator=self.allocator)
+
+    def to_numpy(self, x: cla.Array) -> np.ndarray:
+        return self._dense(x).get()
+
+    def empty(self, shape, dtype) -> cla.Array:
+        return self._new(shape, dtype)
+
+    def _copy(self, src: cla.Array, dst: cla.Array) -> None:
+        """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
+        if src.shape != dst.shape or src.dtype != dst.dtype or src.ndim > 4:
+            raise ValueError(f"copy needs equal shapes and dtypes (<= 4-D), got {src.shape} {src.dtype} "
+                             f"-> {dst.shape} {dst.dtype}")
+        if src.size == 0:
+            return
+        pad = 4 - src.ndim
+        shape = (1,) * pad + src.shape
+        item = src.dtype.itemsize
+
+        def layout(a):
+            strides = (0,) * pad + tuple(s // item for s in a.strides)
+            return (a.base_data, np.int64(a.offset // item), *(np.int64(s) for s in strides))
+
+        global_size, local_size = self._elementwise_size(src.size)
+        self._launch(self.kernel("elementwise.cl", "copy4d", src.dtype), global_size, local_size,
+                     np.int32(shape[1]), np.int32(shape[2]), np.int32(shape[3]), np.int64(src.size),
+                     *layout(src), *layout(dst))
+
+    def _dense(self, x: cla.Array) -> cla.Array:
+        """x itself if C-contiguous at offset 0, else a dense copy."""
+        if x.flags.c_contiguous and x.offset == 0:
+            return x
+        out = self._new(x.shape, x.dtype)
+        self._copy(x, out)
+        return out
+
+    def write_time(self, buf, x, start):
+        t = x.shape[-2]
+        if buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] or not 0 <= start <= buf.shape[-2] - t:
+            raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
+        self._copy(x, buf[..., start:start + t, :])
+
+    def time_slice(self, x, start, stop):
+        if not 0 <= start <= stop <= x.shape[-2]:
+            raise ValueError(f"time_slice: need 0 <= start <= stop <= {x.shape[-2]}, got {start}:{stop}")
+        return x[..., start:stop, :]
+
+    # ---------------------------------------------------------------- dense ops
+
+    def embedding(self, ids, table):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        vocab, width = table.shape
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = ids[(ids < 0) | (ids >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        dtype = self._check_dtype(table)
+        out = self._new((*ids.shape, width), dtype)
+        if out.size:
+            device_ids = cla.to_device(self.queue, ids.astype(np.int64), allocator=self.allocator)
+            self._launch(self.kernel("elementwise.cl", "embedding", dtype), *self._elementwise_size(out.size),
+                         np.int64(out.size), np.int32(width), device_ids.data, table.data, out.data)
+        return out
+
+    def linear(self, x, weight, bias=None):
+        x = self._dense(x)
+        dtype = self._check_dtype(x, *([bias] if bias is not None else []))
+        n, k = weight.shape
+        if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"linear: x [..., {k}] and bias [{n}] expected for weight {weight.shape}, "
+                             f"got x {x.shape}, bias {None if bias is None else bias.shape}")
+        half = weight.dtype == np.float16
+        if not half and weight.dtype != dtype:
+            raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {dtype}")
+        m = x.size // k if k else 0
+        out = self._new((*x.shape[:-1], n), dtype)
+        if out.size == 0:
+            return out
+        args = (np.int32(m), np.int32(n), np.int32(k), x.data, weight.data,
+                (bias if bias is not None else x).data, np.int32(bias is not None), out.data)
+        extra = {"W_HALF": 1} if half else {}
+        if m <= GEMV_MAX_M:
+            gv = min(128, self.device.max_work_group_size)
+            self._launch(self.kernel("gemm.cl", "gemv_nt", dtype, GV=gv, **extra), (n * gv,), (gv,), *args)
+        else:
+            tile = self.gemm_tile
+            lx, ly = tile.local_size
+            global_size = (math.ceil(n / tile.tn) * lx, math.ceil(m / tile.tm) * ly)
+            self._launch(self.kernel("gemm.cl", "gemm_nt", dtype, **tile.defines(), **extra), global_size,
+                         (lx, ly), *args)
+        return out
+
+    def _map(self, name: str, out_like: cla.Array, *args) -> cla.Array:
+        """Run an elementwise kernel of elementwise.cl: kernel(total, *args, out)."""
+        out = self._new(out_like.shape, out_like.dtype)
+        if out.size:
+            self._launch(self.kernel("elementwise.cl", name, out.dtype), *self._elementwise_size(out.size),
+                         np.int64(out.size), *args, out.data)
+        return out
+
+    def add(self, a, b):
+        a, b = self._dense(a), self._dense(b)
+        self._check_dtype(a, b)
+        if a.shape != b.shape:
+            raise ValueError(f"add needs equal shapes, got {a.shape} and {b.shape}")
+        return self._map("add", a, a.data, b.data)
+
+    def _activation_code(self, kind: str) -> np.int32:
+        if kind not in ACTIVATION_CODES:
+            raise ValueError(f"activation kind must be one of {sorted(ACTIVATION_CODES)}, got {kind!r}")
+        return np.int32(ACTIVATION_CODES[kind])
+
+    def activation(self, x, kind):
+        x = self._dense(x)
+        self._check_dtype(x)
+        return self._map("activation", x, self._activation_code(kind), x.data)
+
+    def gated(self, gate, up, kind):
+        gate, up = self._dense(gate), self._dense(up)
+        self._check_dtype(gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"gated needs equal shapes, got gate {gate.shape} and up {up.shape}")
+        return self._map("gated", gate, self._activation_code(kind), gate.data, up.data)
+
+    def _row_groups(self, width: int) -> int:
+        """Work-group size (a power of two) of a one-group-per-row kernel over rows of `width`."""
+        return min(self.group_size, _next_pow2(max(width, 1)))
+
+    def rmsnorm(self, x, weight, eps, unit_offset=False):
+        x = self._dense(x)
+        dtype = self._check_dtype(x, weight)
+        width = x.shape[-1]
+        if weight.shape != (width,):
+            raise ValueError(f"rmsnorm weight must have shape ({width},), got {weight.shape}")
+        out = self._new(x.shape, dtype)
+        rows = x.size // width if width else 0
+        if rows:
+            wg = self._row_groups(width)
+            self._launch(self.kernel("elementwise.cl", "rmsnorm", dtype), (rows * wg,), (wg,), np.int32(width),
+                         self._real(dtype)(eps), np.int32(bool(unit_offset)), x.data, weight.data, out.data,
+                         cl.LocalMemory(wg * dtype.itemsize))
+        return out
+
+    def softmax(self, x):
+        """[..., N] -> [..., N]: softmax over the last axis (ops.softmax)."""
+        x = self._dense(x)
+        dtype = self._check_dtype(x)
+        width = x.shape[-1]
+        out = self._new(x.shape, dtype)
+        rows = x.size // width if width else 0
+        if rows:
+            wg = self._row_groups(width)
+            self._launch(self.kernel("elementwise.cl", "softmax_rows", dtype), (rows * wg,), (wg,),
+                         np.int32(width), x.data, out.data, cl.LocalMemory(wg * dtype.itemsize))
+        return out
+
+    # ---------------------------------------------------------------- attention
+
+    def split_heads(self, x, n_head):
+        b, t, width = x.shape
+        if width % n_head:
+            raise ValueError(f"split_heads: width {width} is not divisible by n_head={n_head}")
+        view = self._dense(x).reshape(b, t, n_head, width // n_head).transpose((0, 2, 1, 3))
+        return self._dense(view)
+
+    def merge_heads(self, x):
+        b, h, t, d = x.shape
+        return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)
+
+    def _device_cos_sin(self, cos: np.ndarray, sin: np.ndarray, dtype: np.dtype):
+        """Upload cos/sin in dtype, reusing the last upload when the host arrays are equal (every layer)."""
+        cos, sin = np.asarray(cos).astype(dtype), np.asarray(sin).astype(dtype)
+        cached = self._rope_cache
+        if cached is not None and cached[0].shape == cos.shape and cached[0].dtype == cos.dtype \
+                and np.array_equal(cached[0], cos) and np.array_equal(cached[1], sin):
+            return cached[2], cached[3]
+        device = (cla.to_device(self.queue, cos, allocator=self.allocator),
+                  cla.to_device(self.queue, sin, allocator=self.allocator))
+        self._rope_cache = (cos, sin, *device)
+        return device
+
+    def rope(self, x, cos, sin, layout):
+        x = self._dense(x)
+        dtype = self._check_dtype(x)
+        b, h, t, d = x.shape
+        if layout not in ("rotate_half", "interleaved"):
+            raise ValueError(f"rope layout must be 'rotate_half' or 'interleaved', got {layout!r}")
+        if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
+            raise ValueError(f"rope: cos/sin must have shape [{b} or 1, {t}, {d}], got {cos.shape} / {sin.shape}")
+        if d % 2:
+            raise ValueError(f"rope needs an even head_dim, got {d}")
+        out = self._new(x.shape, dtype)
+        if out.size:
+            cos_d, sin_d = self._device_cos_sin(cos, sin, dtype)
+            self._launch(self.kernel("elementwise.cl", "rope", dtype), *self._elementwise_size(out.size),
+                         np.int32(h), np.int32(t), np.int32(d), np.int64(out.size), np.int32(cos.shape[0] > 1),
+                         np.int32(layout == "interleaved"), x.data, cos_d.data, sin_d.data, out.data)
+        return out
+
+    def _kv_args(self, a: cla.Array) -> tuple:
+        """A [B, H, T, D] view with contiguous D -> (buffer, offset, stride b, stride h, stride t) in elements."""
+        item = a.dtype.itemsize
+        if a.strides[3] != item and a.shape[3] > 1:
+            raise ValueError(f"attention needs keys/values with a contiguous last axis, got strides {a.strides}")
+        return (a.base_data, np.int64(a.offset // item), *(np.int64(s // item) for s in a.strides[:3]))
+
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+        q = self._dense(q)
+        dtype = self._check_dtype(q, k, v)
+        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+            raise ValueError(f"attention needs q [B, Hq, Tq, D] and k = v [B, Hkv, Tk, D], got q {q.shape}, "
+                             f"k {k.shape}, v {v.shape}")
+        b, hq, tq, d = q.shape
+        hkv, tk = k.shape[1], k.shape[2]
+        if hq % hkv:
+            raise ValueError(f"attention: query heads {hq} must be a multiple of key/value heads {hkv}")
+        if mask_fill not in ("finite_min", "-inf"):
+            raise ValueError(f"mask_fill must be 'finite_min' or '-inf', got {mask_fill!r}")
+        if key_mask is not None:
+            key_mask = np.asarray(key_mask, dtype=bool)
+            if key_mask.shape != (b, tk):
+                raise ValueError(f"key_mask must have shape ({b}, {tk}), got {key_mask.shape}")
+        out = self._new(q.shape, dtype)
+        if out.size == 0:
+            return out
+        if tk == 0:
+            raise ValueError("attention needs at least one key (Tk >= 1)")
+        mask = cla.to_device(self.queue, (key_mask if key_mask is not None else np.ones((1, 1), bool))
+                             .astype(np.uint8), allocator=self.allocator)
+        fill = {"MASK_FILL_FINITE": 1} if mask_fill == "finite_min" else {}
+        args = (np.int32(hq), np.int32(hkv), np.int32(tq), np.int32(tk), np.int32(hq // hkv),
+                np.int32(bool(interleaved)), np.int32(bool(causal)), np.int32(q_start),
+                np.int32(key_mask is not None), mask.data, q.data, *self._kv_args(k), *self._kv_args(v), out.data)
+        if tq <= self.row_attention_max_tq:
+            wg = min(64, self.group_size)
+            scores = self._new((b * hq * tq, tk), dtype)
+            self._launch(self.kernel("attention.cl", "row_attention", dtype, HEAD_DIM=d, WG=wg, **fill),
+                         (b * hq * tq * wg,), (wg,), *args, scores.data)
+        else:
+            bq = 64 if self.is_gpu else 16
+            bk = max(1, min(32, self.device.local_mem_size // (4 * d * dtype.itemsize)))
+            self._launch(self.kernel("attention.cl", "flash_attention", dtype, HEAD_DIM=d, BQ=bq, BK=bk, **fill),
+                         (math.ceil(tq / bq) * bq, b * hq), (bq, 1), *args)
+        return out
+
+    # ---------------------------------------------------------------- losses
+
+    def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
+                  grad_out=None):
+        if kind not in LOSS_KIND_CODES:
+            raise ValueError(f"kind must be one of {tuple(LOSS_KIND_CODES)}, got {kind!r}")
+        student = self._dense(student)
+        dtype = self._check_dtype(student)
+        if student.ndim != 2 or student.shape[1] == 0:
+            raise ValueError(f"student must have shape [N, V] with V >= 1, got {student.shape}")
+        n, vocab = student.shape
+        row_weight = np.asarray(row_weight, dtype=np.float64)
+        if row_weight.shape != (n,):
+            raise ValueError(f"row_weight must have shape ({n},), got {row_weight.shape}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        kept = row_weight != 0
+        if kind == "cross_entropy":
+            targets = self._check_targets(targets, n, vocab, kept)
+            teacher = student
+        else:
+            if teacher is None:
+                raise ValueError(f"teacher [N, V] logits are required for kind {kind!r}")
+            teacher = self._dense(teacher)
+            if teacher.shape != student.shape or teacher.dtype != dtype:
+                raise ValueError(f"teacher must match student's shape {student.shape} and dtype {dtype}, "
+                                 f"got {teacher.shape} {teacher.dtype}")
+            targets = np.zeros(1, np.int64)
+        kind = self._resolve_loss_kind(kind, beta)
+        if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != dtype
+                                     or not grad_out.flags.c_contiguous or grad_out.offset):
+            raise ValueError(f"grad_out must be a dense device array of shape {student.shape} and dtype {dtype}")
+        grad = grad_out if grad_out is not None else self._new(student.shape, dtype)
+        if n == 0:
+            return np.zeros(0), grad
+        real = self._real(dtype)
+        weight_a = beta  # weight of the first log-distribution in the mixtures of loss.cl
+        with np.errstate(divide="ignore"):
+            log_w, log_1mw = real(np.log(weight_a)), real(np.log1p(-weight_a))
+        acc = np.float64 if self.has_fp64 else np.float32
+        values = self._new((n,), acc)
+        status = self._new((n,), np.int32)
+        upload = [cla.to_device(self.queue, a, allocator=self.allocator) for a in
+                  (targets, kept.astype(np.uint8), (row_weight / temperature).astype(dtype))]
+        wg = self._row_groups(vocab)
+        self._launch(self.kernel("loss.cl", "loss_rows", dtype), (n * wg,), (wg,), np.int32(vocab),
+                     np.int32(LOSS_KIND_CODES[kind]), real(temperature), real(beta), log_w, log_1mw,
+                     real(label_smoothing / vocab), real(1.0 - label_smoothing), student.data, teacher.data,
+                     upload[0].data, upload[1].data, upload[2].data, values.data, grad.data, status.data,
+                     cl.LocalMemory(wg * dtype.itemsize), cl.LocalMemory(wg * np.dtype(acc).itemsize))
+        bad = status.get()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            name = "student" if bad[i] == 1 else "teacher"
+            raise ValueError(f"{name} logits row {i} must hold finite values or -inf with at least one finite "
+                             "value (found NaN, +inf, or only -inf)")
+        return values.get().astype(np.float64), grad
+
+    @staticmethod
+    def _check_targets(targets, n: int, vocab: int, kept: np.ndarray) -> np.ndarray:
+        if targets is None:
+            raise ValueError("targets [N] are required for kind 'cross_entropy'")
+        targets = np.asarray(targets)
+        if targets.dtype.kind not in "iu" or targets.shape != (n,):
+            raise ValueError(f"targets must be an integer array of shape ({n},), got {targets.dtype} {targets.shape}")
+        used = targets[kept]
+        if used.size and (used.min() < 0 or used.max() >= vocab):
+            raise ValueError(f"targets must lie in [0, {vocab}), got values in [{used.min()}, {used.max()}]")
+        return targets.astype(np.int64)
+
+    @staticmethod
+    def _resolve_loss_kind(kind: str, beta: float) -> str:
+        """The end points where a mixture kind is exactly a plain KL (as refslm.losses does)."""
+        if kind in ("jsd", "skew_kl") and beta == 0.0:
+            return "forward_kl"
+        if kind == "skew_reverse_kl" and beta == 0.0 or kind == "jsd" and beta == 1.0:
+            return "reverse_kl"
+        return kind
