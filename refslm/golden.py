@@ -1,0 +1,520 @@
+"""The golden suite: manifest and case loading, running cases on backends, comparison, reports.
+
+Golden cases are written by golden/generate.py (PyTorch / transformers in float64, never refslm).
+Each case is one safetensors file of `input.*`, `param.*` and `output.*` tensors; golden/manifest.json
+lists every case with its kind, config, attributes, tensor names, tolerances and SHA-256. SPEC.md
+section 8 is the normative description of the format and of the pass rule
+
+    |got - expected| <= atol + rtol * |expected|   for every element (infinities must match exactly).
+
+Commands (refslm/cli.py dispatches here):
+  refslm verify [--backend B] [--case GLOB] [--dtype D] [--json]   run the cases on refslm's backends
+  refslm verify --outputs DIR [--case GLOB]                        check another implementation's outputs
+  refslm golden export --format npz|npy DIR                       copy the suite for non-safetensors readers
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .resources import golden_dir
+from .safetensors_io import read_safetensors
+
+DTYPES = ("float32", "float64")
+OK, NOT_OK = "OK", "NOT OK"
+# Statuses of a result row: OK passes; every other status fails the run.
+CORRUPT, MISSING, SHAPE, DTYPE, NONFINITE, ERROR = "CORRUPT", "MISSING", "SHAPE", "DTYPE", "NONFINITE", "ERROR"
+
+
+class GoldenError(RuntimeError):
+    """The golden suite or a user's output directory is unreadable or malformed."""
+
+
+# ------------------------------------------------------------------ manifest and case files
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    """One manifest entry (see SPEC.md section 8 for every field)."""
+
+    name: str
+    kind: str
+    description: str
+    path: Path
+    config: dict | None
+    attributes: dict
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    shapes: dict
+    tolerances: dict
+    sha256: Any  # str for a file, {tensor name: str} for an npy export directory
+
+    def tolerance(self, output: str, dtype: str) -> tuple[float, float] | None:
+        """(rtol, atol) of an output for a compute dtype; None for exact (integer) outputs."""
+        entry = self.tolerances[output]
+        if entry.get("exact"):
+            return None
+        return float(entry[dtype]["rtol"]), float(entry[dtype]["atol"])
+
+    def entry(self, file: str, sha256: Any) -> dict[str, Any]:
+        """The manifest entry of this case, pointing at `file` (relative to the manifest) with `sha256`."""
+        return {"name": self.name, "kind": self.kind, "description": self.description, "file": file,
+                "config": self.config, "attributes": self.attributes, "inputs": list(self.inputs),
+                "outputs": list(self.outputs), "shapes": self.shapes, "tolerances": self.tolerances,
+                "sha256": sha256}
+
+
+def load_manifest(directory: str | Path | None = None) -> list[GoldenCase]:
+    """Read manifest.json of a golden directory (default: the packaged suite) -> cases in file order."""
+    root = Path(directory) if directory is not None else golden_dir()
+    path = root / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GoldenError(f"no golden manifest at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise GoldenError(f"{path} is not valid JSON: {exc}") from None
+    if data.get("format_version") != 1 or not isinstance(data.get("cases"), list):
+        raise GoldenError(f"{path}: expected format_version 1 and a 'cases' list")
+    cases = []
+    for entry in data["cases"]:
+        try:
+            cases.append(GoldenCase(
+                name=entry["name"], kind=entry["kind"], description=entry["description"], path=root / entry["file"],
+                config=entry.get("config"), attributes=entry.get("attributes", {}),
+                inputs=tuple(entry["inputs"]), outputs=tuple(entry["outputs"]), shapes=entry.get("shapes", {}),
+                tolerances=entry["tolerances"], sha256=entry["sha256"]))
+        except KeyError as exc:
+            raise GoldenError(f"{path}: case {entry.get('name', '?')!r} lacks field {exc}") from None
+    return cases
+
+
+def select(cases: Iterable[GoldenCase], patterns: list[str] | None) -> list[GoldenCase]:
+    """Cases whose name matches any glob pattern (all cases when patterns is empty)."""
+    cases = list(cases)
+    if not patterns:
+        return cases
+    return [c for c in cases if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_problem(case: GoldenCase) -> str | None:
+    """None when the case's file(s) match the manifest's SHA-256, else a message saying what differs."""
+    expected = case.sha256 if isinstance(case.sha256, dict) else {None: case.sha256}
+    for tensor, digest in expected.items():
+        path = case.path if tensor is None else case.path / f"{tensor}.npy"
+        if not path.is_file():
+            return f"golden file {path} is missing"
+        actual = file_sha256(path)
+        if actual != digest:
+            return f"golden file {path} was modified: SHA-256 {actual[:16]}... != manifest {digest[:16]}..."
+    return None
+
+
+def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file, an .npz archive or a directory of .npy files (no pickle)."""
+    if path.is_dir():
+        return {p.name[:-4]: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    return read_safetensors(path)
+
+
+def load_case(case: GoldenCase) -> dict[str, np.ndarray]:
+    """All tensors of a case (call hash_problem first: this does not check the hash)."""
+    tensors = read_tensor_file(case.path)
+    missing = [n for n in case.inputs + case.outputs if n not in tensors]
+    if missing:
+        raise GoldenError(f"case {case.name}: file {case.path} lacks tensors {missing}")
+    return tensors
+
+
+# ------------------------------------------------------------------ comparison
+
+
+@dataclass
+class Result:
+    """One row of the report: one output of one case on one backend and dtype."""
+
+    case: str
+    backend: str
+    dtype: str
+    output: str
+    status: str
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None  # max|got - expected| / max|expected| over finite entries
+    rtol: float | None = None
+    atol: float | None = None
+    worst: dict | None = None  # failing tensors: {"index", "expected", "got"} of the worst element
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == OK
+
+
+def compare(expected: np.ndarray, got: np.ndarray, tolerance: tuple[float, float] | None) -> dict[str, Any]:
+    """Compare one tensor -> fields of a Result (status, errors, worst element); shapes must already match.
+
+    tolerance None means exact equality (integer outputs). Non-finite expected entries (-inf
+    log-probabilities) must be reproduced exactly; NaN or an infinity elsewhere is NONFINITE.
+    """
+    exp = expected.astype(np.float64)
+    act = got.astype(np.float64)
+    finite = np.isfinite(exp)
+    bad = np.isnan(act) | (np.isinf(act) & finite) | (~finite & (act != exp))
+    scale = float(np.max(np.abs(exp[finite]))) if finite.any() else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(finite & ~bad, np.abs(act - exp), 0.0)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    fields: dict[str, Any] = {"max_abs_err": max_abs, "max_rel_err": max_abs / scale if scale else max_abs}
+    if tolerance is not None:
+        fields["rtol"], fields["atol"] = tolerance
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        fields.update(status=NONFINITE, message=f"{int(bad.sum())} non-finite or wrong infinite entries")
+    else:
+        rtol, atol = tolerance if tolerance is not None else (0.0, 0.0)
+        excess = diff - (atol + rtol * np.where(finite, np.abs(exp), 0.0))
+        if diff.size == 0 or excess.max() <= 0:
+            fields["status"] = OK
+            return fields
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), excess.shape))
+        fields.update(status=NOT_OK, message=f"{int((excess > 0).sum())} of {excess.size} elements out of tolerance")
+    fields["worst"] = {"index": list(index), "expected": float(exp[index]), "got": float(act[index])}
+    return fields
+
+
+def check_outputs(case: GoldenCase, tensors: dict[str, np.ndarray], got: dict[str, np.ndarray], backend: str,
+                  dtype: str | None) -> list[Result]:
+    """Compare every manifest output of a case with `got`; dtype None: take it from each float tensor."""
+    results = []
+    for name in case.outputs:
+        expected = tensors[name]
+        row = Result(case.name, backend, dtype or "-", name, MISSING)
+        value = got.get(name)
+        if value is None:
+            row.message = f"output {name} not produced"
+        elif not isinstance(value, np.ndarray) or value.shape != expected.shape:
+            shape = getattr(value, "shape", type(value).__name__)
+            row.status, row.message = SHAPE, f"shape {shape}, expected {expected.shape}"
+        elif (expected.dtype.kind in "iu") != (value.dtype.kind in "iub") or value.dtype.kind not in "iubf" or (
+                value.dtype.kind == "f" and value.dtype not in (np.float32, np.float64)):
+            kind = "integer" if expected.dtype.kind in "iu" else "float32 or float64"
+            row.status, row.message = DTYPE, f"dtype {value.dtype}, expected {kind}"
+        else:
+            row.dtype = dtype or (str(value.dtype) if value.dtype.kind == "f" else "float64")
+            for key, val in compare(expected, value, case.tolerance(name, row.dtype)).items():
+                setattr(row, key, val)
+        results.append(row)
+    return results
+
+
+# ------------------------------------------------------------------ running cases on refslm backends
+
+
+def _floats(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Float tensors cast to the compute dtype; integer tensors unchanged."""
+    return {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in tensors.items()}
+
+
+def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """Run an 'op' case through the backend's kernel for that op (softmax family: refslm.ops on the host)."""
+    a = case.attributes
+    op = a["op"]
+    on = backend.asarray
+    if op in HOST_OPS:
+        return {"output.y": getattr(ops, op)(t["input.x"], axis=a["axis"])}
+    if op == "rmsnorm":
+        y = backend.rmsnorm(on(t["input.x"]), on(t["input.weight"]), a["eps"], a["unit_offset"])
+    elif op == "activation":
+        y = backend.activation(on(t["input.x"]), a["kind"])
+    elif op == "gated":
+        y = backend.gated(on(t["input.gate"]), on(t["input.up"]), a["kind"])
+    elif op == "linear":
+        bias = t.get("input.bias")
+        y = backend.linear(on(t["input.x"]), on(t["input.weight"]), None if bias is None else on(bias))
+    elif op == "embedding":
+        y = backend.embedding(t["input.ids"], on(t["input.table"]))
+    elif op == "rope":
+        x = t["input.x"]
+        theta = ops.rope_theta_for_length(a["theta"], x.shape[-1], a["seq_len"], a["ntk_factor"], a["block_size"])
+        cos, sin = ops.rope_cos_sin(t["input.positions"], x.shape[-1], theta, a["layout"], a["linear_factor"])
+        y = backend.rope(on(x), cos, sin, a["layout"])
+        return {"output.y": backend.to_numpy(y), "output.cos": cos, "output.sin": sin}
+    elif op == "attention":
+        mask = t.get("input.key_mask")
+        y = backend.attention(on(t["input.q"]), on(t["input.k"]), on(t["input.v"]),
+                              key_mask=None if mask is None else mask.astype(bool), causal=a["causal"],
+                              q_start=a["q_start"], interleaved=a["interleaved"], mask_fill=a["mask_fill"])
+    else:
+        raise GoldenError(f"case {case.name}: unknown op {op!r}")
+    return {"output.y": backend.to_numpy(y)}
+
+
+HOST_OPS = ("softmax", "log_softmax")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How refslm runs one kind of case: run(case, tensors in the compute dtype, backend, dtype) -> outputs."""
+
+    run: Callable[[GoldenCase, dict[str, np.ndarray], Any, str], dict[str, np.ndarray]]
+    uses_backend: Callable[[GoldenCase], bool] = field(default=lambda case: True)
+
+
+RUNNERS: dict[str, Runner] = {
+    "op": Runner(_run_op, lambda case: case.attributes["op"] not in HOST_OPS),
+}
+
+
+def run_case(case: GoldenCase, tensors: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """refslm's outputs for a case on a backend instance, in the compute dtype."""
+    if case.kind not in RUNNERS:
+        raise GoldenError(f"case {case.name}: no runner for kind {case.kind!r}")
+    inputs = _floats({n: tensors[n] for n in case.inputs}, dtype)
+    return RUNNERS[case.kind].run(case, inputs, backend, dtype)
+
+
+def verify_backends(cases: list[GoldenCase], backend_names: list[str], dtypes: Iterable[str]) -> list[Result]:
+    """Run every case on every backend and dtype it supports; host-only cases run once, on 'numpy'."""
+    from .backends import get_backend
+
+    backends = [get_backend(name) for name in backend_names]
+    results: list[Result] = []
+    for case in cases:
+        problem = hash_problem(case)
+        if problem is not None:
+            results.append(Result(case.name, "-", "-", "*", CORRUPT, message=problem))
+            continue
+        tensors = load_case(case)
+        runner = RUNNERS.get(case.kind)
+        for backend in backends:
+            if runner is not None and not runner.uses_backend(case) and backend.name != "numpy":
+                continue
+            for dtype in dtypes:
+                if dtype not in backend.dtypes:
+                    continue
+                try:
+                    got = run_case(case, tensors, backend, dtype)
+                except Exception as exc:  # reported per case; the run goes on
+                    results.append(Result(case.name, backend.name, dtype, "*", ERROR,
+                                          message=f"{type(exc).__name__}: {exc}"))
+                    continue
+                results.extend(check_outputs(case, tensors, got, backend.name, dtype))
+    return results
+
+
+def find_output_file(directory: Path, case: str) -> Path | None:
+    for suffix in (".safetensors", ".npz"):
+        path = directory / f"{case}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def verify_outputs(cases: list[GoldenCase], directory: str | Path, dtype: str | None = None) -> list[Result]:
+    """Check another implementation's outputs: DIR/<case>.safetensors or DIR/<case>.npz per case.
+
+    dtype None: the tolerance class of each float tensor is its own dtype (float32 or float64).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GoldenError(f"--outputs {directory} is not a directory")
+    results = []
+    for case in cases:
+        problem = hash_problem(case)
+        if problem is not None:
+            results.append(Result(case.name, "outputs", "-", "*", CORRUPT, message=problem))
+            continue
+        path = find_output_file(directory, case.name)
+        if path is None:
+            results.append(Result(case.name, "outputs", "-", "*", MISSING,
+                                  message=f"no {case.name}.safetensors or {case.name}.npz in {directory}"))
+            continue
+        try:
+            got = read_tensor_file(path)
+        except Exception as exc:  # an unreadable user file is a finding, not a crash
+            results.append(Result(case.name, "outputs", "-", "*", ERROR, message=f"{path}: {exc}"))
+            continue
+        results.extend(check_outputs(case, load_case(case), got, "outputs", dtype))
+    return results
+
+
+# ------------------------------------------------------------------ reports
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def format_table(results: list[Result]) -> str:
+    """Plain-text table, one line per result; failing rows are followed by their message and worst element."""
+    header = ("case", "backend", "dtype", "output", "max abs err", "max rel err", "rtol / atol", "status")
+    rows = [header]
+    notes: dict[int, str] = {}
+    for r in results:
+        tol = "exact" if r.rtol is None and r.status == OK else f"{_fmt(r.rtol)} / {_fmt(r.atol)}"
+        rows.append((r.case, r.backend, r.dtype, r.output, _fmt(r.max_abs_err), _fmt(r.max_rel_err), tol, r.status))
+        if not r.passed:
+            note = r.message
+            if r.worst:
+                w = r.worst
+                note += f"; worst element {tuple(w['index'])}: expected {w['expected']!r}, got {w['got']!r}"
+            notes[len(rows) - 1] = " ".join(note.split())[:400]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        if i in notes:
+            lines.append(f"    -> {notes[i]}")
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> dict[str, Any]:
+    failed = [r for r in results if not r.passed]
+    return {"checks": len(results), "passed": len(results) - len(failed), "failed": len(failed),
+            "failed_cases": sorted({r.case for r in failed}), "ok": not failed and bool(results)}
+
+
+def summary_line(results: list[Result]) -> str:
+    s = summary(results)
+    cases = len({r.case for r in results})
+    backends = sorted({r.backend for r in results})
+    verdict = "ALL OK" if s["ok"] else ("NOTHING CHECKED" if not results else "NOT OK")
+    line = (f"{verdict}: {s['passed']}/{s['checks']} checks passed over {cases} cases on "
+            f"{', '.join(backends) or 'no backend'}")
+    if s["failed"]:
+        line += f"; {s['failed']} failed in {len(s['failed_cases'])} cases: {', '.join(s['failed_cases'][:10])}"
+        line += " ..." if len(s["failed_cases"]) > 10 else ""
+    return line
+
+
+# ------------------------------------------------------------------ export
+
+
+def export(cases: list[GoldenCase], directory: str | Path, fmt: str) -> Path:
+    """Write the cases as .npz archives (fmt 'npz') or directories of .npy files ('npy'), with a manifest.
+
+    The exported manifest has the same entries, with "file" and "sha256" describing the exported
+    files, so `refslm verify --golden DIR` reads an export like the original suite.
+    """
+    if fmt not in ("npz", "npy"):
+        raise ValueError(f"export format must be 'npz' or 'npy', got {fmt!r}")
+    root = Path(directory)
+    (root / "cases").mkdir(parents=True, exist_ok=True)
+    exported = []
+    for case in cases:
+        problem = hash_problem(case)
+        if problem is not None:
+            raise GoldenError(problem)
+        tensors = load_case(case)
+        if fmt == "npz":
+            path = root / "cases" / f"{case.name}.npz"
+            np.savez(path, **tensors)
+            exported.append(case.entry(f"cases/{path.name}", file_sha256(path)))
+        else:
+            folder = root / "cases" / case.name
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir()
+            hashes = {}
+            for name, value in tensors.items():
+                np.save(folder / f"{name}.npy", value, allow_pickle=False)
+                hashes[name] = file_sha256(folder / f"{name}.npy")
+            exported.append(case.entry(f"cases/{case.name}", hashes))
+    manifest = {"format_version": 1, "exported_as": fmt, "cases": exported}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return root
+
+
+# ------------------------------------------------------------------ command line
+
+
+def verify_arguments(parser) -> None:
+    parser.add_argument("--backend", action="append", metavar="NAME",
+                        help="backend to run (repeatable; default: every installed backend)")
+    parser.add_argument("--case", action="append", metavar="GLOB", help="only cases matching the glob (repeatable)")
+    parser.add_argument("--dtype", choices=DTYPES, help="only this compute dtype (default: both); with --outputs, "
+                        "the tolerance class to apply (default: each tensor's own dtype)")
+    parser.add_argument("--outputs", metavar="DIR", help="check another implementation's outputs: "
+                        "DIR/<case>.safetensors or DIR/<case>.npz holding the manifest's output names")
+    parser.add_argument("--golden", metavar="DIR", help="golden suite directory (default: the packaged suite)")
+    parser.add_argument("--json", action="store_true", help="print results and summary as JSON")
+
+
+def verify_command(args) -> int:
+    try:
+        cases = select(load_manifest(args.golden), args.case)
+        if not cases:
+            raise GoldenError(f"no golden case matches {args.case}")
+        if args.outputs:
+            results = verify_outputs(cases, args.outputs, args.dtype)
+        else:
+            from .backends import available_backends, backend_names
+
+            names = args.backend or available_backends()
+            unknown = [n for n in names if n not in backend_names()]
+            if unknown:
+                raise GoldenError(f"--backend must be among {list(backend_names())}, got {unknown}")
+            results = verify_backends(cases, names, [args.dtype] if args.dtype else DTYPES)
+    except GoldenError as exc:
+        print(f"refslm verify: error: {exc}")
+        return 2
+    if args.json:
+        print(json.dumps({"results": [_json_row(r) for r in results], "summary": summary(results)}, indent=1))
+    else:
+        print(format_table(results))
+        print(summary_line(results))
+    return 0 if summary(results)["ok"] else 1
+
+
+def _json_row(result: Result) -> dict[str, Any]:
+    row = asdict(result)
+    for key in ("max_abs_err", "max_rel_err"):
+        if row[key] is not None and not math.isfinite(row[key]):
+            row[key] = str(row[key])
+    return row
+
+
+def golden_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="golden_action", metavar="ACTION", required=True)
+    p = sub.add_parser("export", help="write the suite as .npz archives or .npy files with a manifest")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--format", choices=("npz", "npy"), required=True)
+    p.add_argument("--case", action="append", metavar="GLOB", help="only cases matching the glob (repeatable)")
+    p.add_argument("--golden", metavar="DIR", help="golden suite directory (default: the packaged suite)")
+
+
+def golden_command(args) -> int:
+    try:
+        cases = select(load_manifest(args.golden), args.case)
+        root = export(cases, args.directory, args.format)
+    except GoldenError as exc:
+        print(f"refslm golden export: error: {exc}")
+        return 2
+    print(f"exported {len(cases)} cases as {args.format} to {root}")
+    return 0
+
+
+__all__ = ["GoldenCase", "GoldenError", "Result", "check_outputs", "compare", "export", "format_table",
+           "load_case", "load_manifest", "run_case", "select", "verify_backends", "verify_outputs"]
