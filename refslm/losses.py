@@ -155,10 +155,15 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     e, a = _terms(kind, log_q, other, beta)
     values = np.sum(e, axis=-1, dtype=np.float64)
     a_sum = np.sum(a, axis=-1, dtype=np.float64)
-    scale = (row_weight / temperature)[:, None].astype(student.dtype)
-    with np.errstate(invalid="ignore"):
-        grad[...] = (a - np.exp(log_q) * a_sum[:, None].astype(student.dtype)) * scale
+    grad[...] = _gradient(a, log_q, a_sum, row_weight / temperature)
     return _zero_dropped(values, grad, row_weight)
+
+
+def _gradient(a: np.ndarray, log_q: np.ndarray, a_sum: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """[n, v] gradient scale * (a - q * a_sum); a row whose a_sum is infinite (value +inf) is all NaN."""
+    a_sum = np.where(np.isfinite(a_sum), a_sum, np.nan).astype(a.dtype)
+    with np.errstate(invalid="ignore"):
+        return (a - np.exp(log_q) * a_sum[:, None]) * scale[:, None].astype(a.dtype)
 
 
 def _zero_dropped(values: np.ndarray, grad: np.ndarray, row_weight: np.ndarray,
@@ -286,12 +291,10 @@ def _stream_block(kind, student, teacher, targets, row_weight, temperature, beta
         _, e, a = chunk_terms(cols)
         values += np.sum(e, axis=-1, dtype=np.float64)
         a_sum += np.sum(a, axis=-1, dtype=np.float64)
-    scale = (row_weight / temperature)[:, None].astype(student.dtype)
     dropped = row_weight == 0
     for cols in columns:
         log_q, _, a = chunk_terms(cols)
-        with np.errstate(invalid="ignore"):
-            g = (a - np.exp(log_q) * a_sum[:, None].astype(student.dtype)) * scale
+        g = _gradient(a, log_q, a_sum, row_weight / temperature)
         g[dropped] = 0
         if accumulate:
             grad[:, cols] += g
@@ -651,12 +654,12 @@ def generalized_jsd(student, teacher, beta: float = 0.5, **options):
 
 def skew_kl(student, teacher, alpha: float = 0.1, **options):
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); options as `divergence`."""
-    return divergence("skew_kl", student, teacher, beta=alpha, **options)
+    return divergence("skew_kl", student, teacher, beta=_check_fraction("alpha", alpha), **options)
 
 
 def skew_reverse_kl(student, teacher, alpha: float = 0.1, **options):
     """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); options as `divergence`."""
-    return divergence("skew_reverse_kl", student, teacher, beta=alpha, **options)
+    return divergence("skew_reverse_kl", student, teacher, beta=_check_fraction("alpha", alpha), **options)
 
 
 def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | None = None, mode: str = "paper",

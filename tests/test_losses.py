@@ -1,0 +1,466 @@
+"""Losses: hand cases, infinite cases, properties, finite differences, forms, bad input (NumPy only)."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refslm import losses
+from refslm.bench import peak_extra_bytes
+
+SETTINGS = settings(deadline=None, max_examples=25, derandomize=True)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+INF = np.inf
+
+
+def logits(seed, shape, scale=3.0, dtype=np.float64):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(dtype)
+
+
+def rows(kind, s, t=None, y=None, w=None, T=1.0, beta=0.3, eps=0.0):
+    """loss_rows with defaults: -> (values, grad)."""
+    w = np.ones(s.shape[0]) if w is None else w
+    return losses.loss_rows(kind, s, t, y, w, temperature=T, beta=beta, label_smoothing=eps)
+
+
+def any_loss(name, student, teacher, targets, **options):
+    """Call a divergence, cross_entropy or kd_loss by name with its natural inputs."""
+    if name == "cross_entropy":
+        return losses.cross_entropy(student, targets, **options)
+    if name == "kd_loss":
+        return losses.kd_loss(student, teacher, targets, **options)
+    return losses.divergence(name, student, teacher, **options)
+
+
+# ---------------------------------------------------------------- hand cases
+
+
+def test_cross_entropy_hand_case():
+    # logits [0, 0]: q = [1/2, 1/2]; target 0: -log(1/2) = log 2; grad = q - onehot = [-1/2, 1/2]
+    v, g = rows("cross_entropy", np.zeros((1, 2)), y=np.array([0]))
+    np.testing.assert_allclose(v, [math.log(2)], rtol=1e-15)
+    np.testing.assert_allclose(g, [[-0.5, 0.5]], rtol=1e-15)
+    # label smoothing 0.2 on 2 classes: w = [0.9, 0.1]; value = -(0.9 + 0.1) log(1/2) = log 2; grad q - w
+    v, g = rows("cross_entropy", np.zeros((1, 2)), y=np.array([0]), eps=0.2)
+    np.testing.assert_allclose(v, [math.log(2)], rtol=1e-15)
+    np.testing.assert_allclose(g, [[-0.4, 0.4]], rtol=1e-15)
+
+
+def test_kl_hand_cases():
+    # teacher logits log[1, 3] -> p = [1/4, 3/4]; student zeros -> q = [1/2, 1/2]
+    s, t = np.zeros((1, 2)), np.log([[1.0, 3.0]])
+    fkl = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    v, g = rows("forward_kl", s, t)
+    np.testing.assert_allclose(v, [fkl], rtol=1e-14)
+    np.testing.assert_allclose(g, [[0.25, -0.25]], rtol=1e-14)  # q - p
+    rkl = 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)
+    v, g = rows("reverse_kl", s, t)
+    np.testing.assert_allclose(v, [rkl], rtol=1e-14)
+    # q_j (log(q_j / p_j) - KL)
+    np.testing.assert_allclose(g, [[0.5 * (math.log(2) - rkl), 0.5 * (math.log(2 / 3) - rkl)]], rtol=1e-14)
+    # JSD beta 1/2: m = [3/8, 5/8]
+    jsd = 0.5 * (0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625)) + \
+        0.5 * (0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625))
+    np.testing.assert_allclose(rows("jsd", s, t, beta=0.5)[0], [jsd], rtol=1e-14)
+    # skew KL alpha 0.1: r = 0.1 p + 0.9 q = [0.475, 0.525]
+    skew = 0.25 * math.log(0.25 / 0.475) + 0.75 * math.log(0.75 / 0.525)
+    np.testing.assert_allclose(rows("skew_kl", s, t, beta=0.1)[0], [skew], rtol=1e-14)
+    # skew reverse KL alpha 0.1: r = 0.9 p + 0.1 q = [0.275, 0.725]
+    skew_r = 0.5 * math.log(0.5 / 0.275) + 0.5 * math.log(0.5 / 0.725)
+    np.testing.assert_allclose(rows("skew_reverse_kl", s, t, beta=0.1)[0], [skew_r], rtol=1e-14)
+
+
+def test_temperature_hand_case():
+    # T = 2: z = [0, 0], u = log[1, 3] / 2 -> p ∝ [1, sqrt 3]; grad = (q - p) / T
+    s, t = np.zeros((1, 2)), np.log([[1.0, 3.0]])
+    p = np.array([1.0, math.sqrt(3.0)]) / (1.0 + math.sqrt(3.0))
+    v, g = rows("forward_kl", s, t, T=2.0)
+    np.testing.assert_allclose(v, [np.sum(p * np.log(p / 0.5))], rtol=1e-14)
+    np.testing.assert_allclose(g, [(0.5 - p) / 2.0], rtol=1e-14)
+
+
+# ---------------------------------------------------------------- infinite and extreme logits
+
+
+def test_teacher_banned_entries_contribute_zero_to_forward_kl():
+    # teacher -inf at column 2 (p_2 = 0): value and gradient equal the 2-column problem except q_2 in grad
+    s, t = np.array([[0.5, -1.0, 2.0]]), np.array([[1.0, 0.0, -INF]])
+    v, g = rows("forward_kl", s, t)
+    p = np.exp(t[0, :2]) / np.exp(t[0, :2]).sum()
+    q = np.exp(s[0]) / np.exp(s[0]).sum()
+    np.testing.assert_allclose(v, [np.sum(p * (np.log(p) - np.log(q[:2])))], rtol=1e-14)
+    np.testing.assert_allclose(g[0], q - np.append(p, 0.0), rtol=1e-14)
+
+
+def test_infinite_values_and_their_gradients():
+    s, t = np.array([[0.0, -INF, 1.0]]), np.array([[0.0, 1.0, -INF]])
+    q = np.array([1.0, 0.0, math.e]) / (1.0 + math.e)
+    p = np.array([1.0, math.e, 0.0]) / (1.0 + math.e)
+    # forward KL: teacher mass where the student is -inf -> +inf, gradient (q - p) finite
+    v, g = rows("forward_kl", s, t)
+    assert v[0] == INF
+    np.testing.assert_allclose(g[0], q - p, rtol=1e-14)
+    # reverse KL: student mass where the teacher is -inf -> +inf, gradient undefined (NaN)
+    v, g = rows("reverse_kl", s, t)
+    assert v[0] == INF and np.isnan(g).all()
+    # cross-entropy on a banned target -> +inf, gradient q - onehot finite
+    v, g = rows("cross_entropy", s, y=np.array([1]))
+    assert v[0] == INF
+    np.testing.assert_allclose(g[0], q - [0, 1, 0], rtol=1e-14)
+    # mixtures with 0 < beta are finite and have finite gradients
+    for kind in ("jsd", "skew_kl", "skew_reverse_kl"):
+        v, g = rows(kind, s, t, beta=0.3)
+        assert np.isfinite(v).all() and np.isfinite(g).all(), kind
+
+
+def test_underflowing_student_mass_still_counts_as_mass():
+    # student logit -1e4 on the teacher's banned entry: q > 0 mathematically, KL(q || p) = +inf
+    v, _ = rows("reverse_kl", np.array([[0.0, -1e4]]), np.array([[0.0, -INF]]))
+    assert v[0] == INF
+
+
+def test_both_banned_equals_column_removed():
+    s, t = logits(1, (3, 6)), logits(2, (3, 6))
+    s[:, 4], t[:, 4] = -INF, -INF
+    keep = [0, 1, 2, 3, 5]
+    for kind in DIVERGENCES:
+        v, g = rows(kind, s, t)
+        v2, g2 = rows(kind, s[:, keep], t[:, keep])
+        np.testing.assert_allclose(v, v2, rtol=1e-13, err_msg=kind)
+        np.testing.assert_allclose(g[:, keep], g2, rtol=1e-12, atol=1e-15, err_msg=kind)
+        assert (g[:, 4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_logits(dtype):
+    # s = [1e4, 0, -1e4], t = [0, 1e4, -1e4]: p ~ onehot(1) and log q_1 = -1e4 -> forward KL = 1e4
+    s = np.array([[1e4, 0.0, -1e4]], dtype=dtype)
+    t = np.array([[0.0, 1e4, -1e4]], dtype=dtype)
+    v, g = rows("forward_kl", s, t)
+    np.testing.assert_allclose(v, [1e4], rtol=1e-7)
+    np.testing.assert_array_equal(g, np.array([[1.0, -1.0, 0.0]], dtype=dtype))
+    v, g = rows("reverse_kl", s, t)  # q ~ onehot(0), log p_0 = -1e4
+    np.testing.assert_allclose(v, [1e4], rtol=1e-7)
+    for kind in DIVERGENCES + ("cross_entropy",):
+        v, g = rows(kind, s, t, y=np.array([2]))
+        assert np.isfinite(v).all() and np.isfinite(g).all() and g.dtype == dtype, kind
+
+
+def test_dropped_rows_are_not_evaluated():
+    s = np.array([[np.nan, 1.0], [0.0, 0.0]])
+    v, g = rows("cross_entropy", s, y=np.array([-100, 1]), w=np.array([0.0, 1.0]))
+    np.testing.assert_array_equal(v, [0.0, math.log(2)])
+    np.testing.assert_array_equal(g, [[0.0, 0.0], [0.5, -0.5]])
+
+
+@pytest.mark.parametrize("bad", [np.nan, INF])
+def test_nan_or_positive_inf_logits_are_rejected(bad):
+    s = np.array([[0.0, bad]])
+    with pytest.raises(ValueError, match="student logits row 0"):
+        rows("forward_kl", s, np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="teacher logits row 0"):
+        losses.forward_kl(np.zeros((1, 2)), s, chunk_size=(1, 1))
+    with pytest.raises(ValueError, match="student logits row 0"):
+        rows("reverse_kl", np.full((1, 2), -INF), np.zeros((1, 2)))
+
+
+# ---------------------------------------------------------------- properties
+
+seeds = st.integers(0, 2**31 - 1)
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 9))
+betas = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
+
+
+@SETTINGS
+@given(seeds, shapes, st.sampled_from(DIVERGENCES), betas, st.sampled_from([0.5, 1.0, 2.0]))
+def test_divergences_nonnegative_and_zero_exactly_on_equal_distributions(seed, shape, kind, beta, T):
+    s, t = logits(seed, shape), logits(seed + 1, shape)
+    v, _ = rows(kind, s, t, beta=beta, T=T)
+    assert (v >= -1e-14).all()
+    v_same, g_same = rows(kind, s, s.copy(), beta=beta, T=T)
+    if kind in ("forward_kl", "reverse_kl") or beta in (0.0, 1.0) and kind == "jsd":
+        assert (v_same == 0).all()
+    np.testing.assert_allclose(v_same, 0, atol=1e-15)
+    np.testing.assert_allclose(g_same, 0, atol=1e-14)  # a few ulps of q / T (sum p = 1 only to rounding)
+    mixture_trivial = kind in ("skew_kl", "skew_reverse_kl") and beta == 1.0
+    if shape[1] > 1 and not mixture_trivial:  # different distributions: strictly positive
+        assert (v > 0).all()
+
+
+@SETTINGS
+@given(seeds, shapes, st.sampled_from(DIVERGENCES + ("cross_entropy",)), betas,
+       st.floats(-50, 50), st.floats(-50, 50))
+def test_invariant_to_row_constants_and_gradient_rows_sum_to_zero(seed, shape, kind, beta, c_s, c_t):
+    s, t = logits(seed, shape), logits(seed + 1, shape)
+    y = np.random.default_rng(seed).integers(0, shape[1], shape[0])
+    v, g = rows(kind, s, t, y, beta=beta, eps=0.1)
+    v2, g2 = rows(kind, s + c_s, t + c_t, y, beta=beta, eps=0.1)
+    np.testing.assert_allclose(v2, v, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g2, g, rtol=1e-10, atol=1e-13)
+    rounding = 8 * np.finfo(float).eps * shape[1] * (1 + np.abs(g).max() + np.abs(v).max())
+    assert (np.abs(g.sum(axis=-1)) <= rounding).all()
+
+
+@SETTINGS
+@given(seeds, shapes, st.sampled_from([0.1, 1.0, 10.0]))
+def test_jsd_half_bounded_by_log_2(seed, shape, scale):
+    v, _ = rows("jsd", logits(seed, shape, scale), logits(seed + 1, shape, scale), beta=0.5)
+    assert (v <= math.log(2)).all()
+
+
+def test_jsd_reaches_log_2_on_disjoint_support():
+    v, _ = rows("jsd", np.array([[0.0, -INF]]), np.array([[-INF, 0.0]]), beta=0.5)
+    np.testing.assert_allclose(v, [math.log(2)], rtol=1e-15)
+
+
+@SETTINGS
+@given(seeds, st.sampled_from(DIVERGENCES), st.sampled_from([0.25, 0.5, 3.0]), st.booleans())
+def test_temperature_identities(seed, kind, T, t2):
+    s, t = logits(seed, (3, 7)), logits(seed + 1, (3, 7))
+    v, g = losses.divergence(kind, s, t, beta=0.3, temperature=T, scale_by_t2=t2)
+    v1, g1 = losses.divergence(kind, s / T, t / T, beta=0.3)
+    factor = T * T if t2 else 1.0
+    np.testing.assert_allclose(v, factor * v1, rtol=1e-13)
+    np.testing.assert_allclose(g, factor * g1 / T, rtol=1e-12, atol=1e-16)
+
+
+@SETTINGS
+@given(seeds, st.sampled_from(DIVERGENCES), st.sampled_from(REDUCTIONS[1:]))
+def test_masking_equals_dropping_rows(seed, kind, reduction):
+    s, t = logits(seed, (2, 5, 6)), logits(seed + 1, (2, 5, 6))
+    mask = np.random.default_rng(seed).random((2, 5)) < 0.6
+    v, g = losses.divergence(kind, s, t, beta=0.3, mask=mask, reduction=reduction)
+    v_kept, g_kept = losses.divergence(kind, s[mask], t[mask], beta=0.3, reduction="sum")
+    kept = max(int(mask.sum()), 1)
+    divide = 1 if reduction == "sum" else kept  # masked mean and batchmean: sum / kept tokens
+    np.testing.assert_allclose(v, v_kept / divide, rtol=1e-13)
+    np.testing.assert_allclose(g[mask], g_kept / divide, rtol=1e-13)
+    assert (g[~mask] == 0).all()
+
+
+def test_reductions_and_zero_kept_tokens():
+    s, t = logits(3, (2, 3, 5)), logits(4, (2, 3, 5))
+    per_token, _ = losses.forward_kl(s, t, reduction="none")
+    assert per_token.shape == (2, 3)
+    total, _ = losses.forward_kl(s, t, reduction="sum")
+    np.testing.assert_allclose(total, per_token.sum(), rtol=1e-14)
+    np.testing.assert_allclose(losses.forward_kl(s, t, reduction="mean")[0], total / 6, rtol=1e-14)
+    np.testing.assert_allclose(losses.forward_kl(s, t)[0], total / 2, rtol=1e-14)  # PyTorch: / size(0) = B
+    np.testing.assert_allclose(losses.forward_kl(s.reshape(6, 5), t.reshape(6, 5))[0], total / 6, rtol=1e-14)
+    for reduction in REDUCTIONS:
+        v, g = losses.reverse_kl(s, t, mask=np.zeros((2, 3), bool), reduction=reduction)
+        assert np.all(v == 0) and np.all(g == 0)
+        v, g = losses.cross_entropy(s, np.full((2, 3), -100), reduction=reduction)
+        assert np.all(v == 0) and np.all(g == 0)
+
+
+def test_labels_with_ignore_index_equal_mask():
+    s, t = logits(5, (2, 4, 6)), logits(6, (2, 4, 6))
+    labels = np.array([[1, -100, 3, 4], [-100, -100, 0, 2]])
+    a = losses.generalized_jsd(s, t, labels=labels)
+    b = losses.generalized_jsd(s, t, mask=labels != -100)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+@SETTINGS
+@given(seeds, st.sampled_from(DIVERGENCES), st.sampled_from(["paper", "public_code"]))
+def test_alpha_0_and_1_reduce_to_ce_and_kd(seed, kind, mode):
+    s, t = logits(seed, (2, 4, 7)), logits(seed + 1, (2, 4, 7))
+    y = np.random.default_rng(seed).integers(0, 7, (2, 4))
+    kind = kind if mode == "paper" else None
+    v0, g0 = losses.kd_loss(s, t, y, alpha=0.0, divergence=kind, mode=mode)
+    ce, g_ce = losses.cross_entropy(s, y, ignore_index=0)
+    np.testing.assert_array_equal(v0, ce)
+    np.testing.assert_array_equal(g0, g_ce)
+    v1, g1 = losses.kd_loss(s, t, y, alpha=1.0, divergence=kind, mode=mode, beta=0.3)
+    if mode == "paper":
+        kd, g_kd = losses.divergence(kind, s, t, beta=0.3, labels=y, ignore_index=0)
+    else:
+        kd, g_kd = losses.forward_kl(s.reshape(8, 7), t.reshape(8, 7))
+    np.testing.assert_allclose(v1, kd, rtol=1e-15)
+    np.testing.assert_allclose(g1.reshape(g_kd.shape), g_kd, rtol=1e-15)
+    v, g = losses.kd_loss(s, t, y, alpha=0.25, divergence=kind, mode=mode, beta=0.3)
+    np.testing.assert_allclose(v, 0.25 * kd + 0.75 * ce, rtol=1e-14)
+    np.testing.assert_allclose(g.reshape(g_kd.shape), 0.25 * g_kd + 0.75 * g_ce.reshape(g_kd.shape), rtol=1e-13,
+                               atol=1e-17)
+
+
+def test_public_code_mode_cuts_vocabularies_and_ignores_padding_for_kd():
+    s, t = logits(7, (2, 3, 9)), logits(8, (2, 3, 7))
+    y = np.array([[5, 0, 0], [1, 2, 0]])
+    v, g = losses.kd_loss(s, t, y, mode="public_code")
+    kd, g_kd = losses.forward_kl(s[..., :7].reshape(6, 7), t.reshape(6, 7))  # all 6 rows, padding included
+    ce, g_ce = losses.cross_entropy(s, y, ignore_index=0)  # full student vocabulary
+    np.testing.assert_allclose(v, 0.9 * kd + 0.1 * ce, rtol=1e-14)
+    expected = 0.1 * g_ce
+    expected[..., :7] += 0.9 * g_kd.reshape(2, 3, 7)
+    np.testing.assert_allclose(g, expected, rtol=1e-13, atol=1e-17)
+
+
+# ---------------------------------------------------------------- finite differences (float64)
+
+
+def directional_check(fn, x, seed):
+    """fn(x) -> (value, grad); the central difference along a random direction matches <grad, d>."""
+    d = np.random.default_rng(seed).normal(size=x.shape)
+    value, grad = fn(x)
+    h = 1e-5
+    numeric = (np.sum(fn(x + h * d)[0]) - np.sum(fn(x - h * d)[0])) / (2 * h)
+    analytic = np.sum(grad * d)
+    assert abs(numeric - analytic) <= 1e-6 * max(abs(analytic), 1e-3), (numeric, analytic)
+
+
+@SETTINGS
+@given(seeds, st.sampled_from(DIVERGENCES + ("cross_entropy", "kd_loss")), st.sampled_from(REDUCTIONS),
+       st.sampled_from([0.1, 0.5, 0.9]), st.sampled_from([0.7, 1.0, 2.0]))
+def test_finite_differences(seed, name, reduction, beta, T):
+    s, t = logits(seed, (2, 3, 6)), logits(seed + 1, (2, 3, 6))
+    y = np.random.default_rng(seed).integers(0, 6, (2, 3))
+    if name == "cross_entropy":
+        options = {"label_smoothing": beta, "reduction": reduction}
+    elif name == "kd_loss":
+        options = {"alpha": beta, "temperature": T, "scale_by_t2": True, "label_smoothing": 0.1}
+    else:
+        options = {"beta": beta, "temperature": T, "labels": y, "ignore_index": 0, "reduction": reduction}
+    directional_check(lambda x: any_loss(name, x, t, y, **options), s, seed)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES + ("cross_entropy",))
+def test_every_coordinate_finite_difference(kind):
+    # all partial derivatives of a weighted row sum, one coordinate at a time
+    s, t, y = logits(11, (2, 5)), logits(12, (2, 5)), np.array([3, 0])
+    w = np.array([0.7, 1.3])
+
+    def total(x):
+        return np.dot(w, rows(kind, x, t, y, w=np.ones(2), beta=0.4, T=1.5, eps=0.2)[0])
+
+    _, g = rows(kind, s, t, y, w=w, beta=0.4, T=1.5, eps=0.2)
+    h = 1e-5
+    for i, j in np.ndindex(s.shape):
+        e = np.zeros_like(s)
+        e[i, j] = h
+        numeric = (total(s + e) - total(s - e)) / (2 * h)
+        assert abs(numeric - g[i, j]) <= 1e-6 * max(abs(g[i, j]), 1e-3), (kind, i, j)
+
+
+# ---------------------------------------------------------------- direct == streaming == fused
+
+
+@SETTINGS
+@given(seeds, st.sampled_from(DIVERGENCES + ("cross_entropy", "kd_loss")), st.integers(1, 7), st.integers(1, 13),
+       st.integers(1, 6), st.integers(1, 14), st.sampled_from(REDUCTIONS))
+def test_direct_streaming_fused_agree(seed, name, n, vocab, chunk_rows, chunk_vocab, reduction):
+    rng = np.random.default_rng(seed)
+    hidden, lm_head = rng.normal(size=(n, 4)), rng.normal(size=(vocab, 4))
+    s, t = hidden @ lm_head.T, logits(seed + 1, (n, vocab + 2))
+    y = rng.integers(0, vocab, n)
+    if name == "kd_loss":
+        options = {"vocab_policy": "truncate", "beta": 0.4, "temperature": 1.5}
+    elif name == "cross_entropy":
+        options = {"reduction": reduction, "label_smoothing": 0.1}
+    else:
+        options = {"vocab_policy": "truncate", "beta": 0.4, "mask": rng.random(n) < 0.7, "reduction": reduction}
+    v, g = any_loss(name, s, t, y, **options)
+    buffer = np.full_like(s, np.nan)
+    v_stream, g_stream = any_loss(name, s, t, y, chunk_size=(chunk_rows, chunk_vocab), grad_out=buffer, **options)
+    assert g_stream is buffer
+    np.testing.assert_allclose(v_stream, v, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(g_stream, g, rtol=1e-12, atol=1e-15)
+    v_fused, (g_hidden, g_head) = any_loss(name, losses.LinearHead(hidden, lm_head, chunk_rows), t, y, **options)
+    np.testing.assert_allclose(v_fused, v, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(g_hidden, g @ lm_head, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g_head, g.T @ hidden, rtol=1e-12, atol=1e-14)
+
+
+def test_loss_rows_streaming_equals_direct_float32():
+    s, t = logits(21, (9, 50), dtype=np.float32), logits(22, (9, 50), dtype=np.float32)
+    w = np.linspace(0.0, 1.0, 9)
+    for kind in DIVERGENCES:
+        v, g = rows(kind, s, t, w=w, T=1.3)
+        v2, g2 = losses.loss_rows_streaming(kind, s, t, None, w, temperature=1.3, beta=0.3, label_smoothing=0.0,
+                                            chunk_rows=4, chunk_vocab=7)
+        assert g2.dtype == np.float32
+        np.testing.assert_allclose(v2, v, rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(g2, g, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_linear_loss_wrapper_and_3d_hidden():
+    rng = np.random.default_rng(31)
+    hidden, head = rng.normal(size=(2, 3, 4)), rng.normal(size=(6, 4))
+    y = rng.integers(1, 6, (2, 3))
+    v, gh, gw = losses.fused_linear_loss(hidden, head, y, loss="cross_entropy", chunk_rows=2)
+    v2, g = losses.cross_entropy(hidden @ head.T, y)
+    np.testing.assert_allclose(v, v2, rtol=1e-14)
+    np.testing.assert_allclose(gh, g @ head, rtol=1e-13)
+    np.testing.assert_allclose(gw, np.einsum("btv,btc->vc", g, hidden), rtol=1e-13)
+
+
+def test_streaming_temporaries_stay_within_a_chunk():
+    n, vocab = 64, 2048
+    s, t = logits(41, (n, vocab)), logits(42, (n, vocab))
+    grad = np.empty_like(s)
+    direct = peak_extra_bytes(lambda: losses.reverse_kl(s, t, grad_out=grad))
+    streaming = peak_extra_bytes(lambda: losses.reverse_kl(s, t, grad_out=grad, chunk_size=(16, 128)))
+    chunk_bytes = 16 * 128 * 8
+    assert direct > n * vocab * 8  # whole-row temporaries
+    assert streaming < 16 * chunk_bytes  # a few chunk temporaries, never a row block of the full vocabulary
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, t, y: losses.forward_kl(s, t[:1]), "leading shape"),
+    (lambda s, t, y: losses.forward_kl(s, t[..., :4]), "vocab_policy='truncate'"),
+    (lambda s, t, y: losses.forward_kl(s, t.astype(np.float32)), "dtype"),
+    (lambda s, t, y: losses.forward_kl(s, t, vocab_policy="pad"), "vocab_policy"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, alpha=1.5), "alpha must lie in"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, alpha=-0.1), "alpha must lie in"),
+    (lambda s, t, y: losses.generalized_jsd(s, t, beta=1.01), "beta must lie in"),
+    (lambda s, t, y: losses.skew_kl(s, t, alpha=-0.5), "alpha must lie in"),
+    (lambda s, t, y: losses.reverse_kl(s, t, temperature=0.0), "temperature must be > 0"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, temperature=-1.0), "temperature must be > 0"),
+    (lambda s, t, y: losses.cross_entropy(s, y + 5), r"targets must lie in \[0, 5\)"),
+    (lambda s, t, y: losses.cross_entropy(s, y - 1, ignore_index=-100), r"targets must lie in \[0, 5\)"),
+    (lambda s, t, y: losses.cross_entropy(s, y[:, :1]), "targets must be an integer array of shape"),
+    (lambda s, t, y: losses.cross_entropy(s, y.astype(float)), "targets must be an integer array"),
+    (lambda s, t, y: losses.cross_entropy(s, y, label_smoothing=2.0), "label_smoothing"),
+    (lambda s, t, y: losses.forward_kl(s, t, mask=np.ones((2, 3))), "mask must be a bool array"),
+    (lambda s, t, y: losses.forward_kl(s, t, mask=np.ones((2, 3), bool), labels=y), "mask or labels"),
+    (lambda s, t, y: losses.forward_kl(s, t, reduction="avg"), "reduction must be one of"),
+    (lambda s, t, y: losses.forward_kl(s, t, chunk_size=(0, 4)), "chunk_size"),
+    (lambda s, t, y: losses.forward_kl(s, t, chunk_size=8), "chunk_size"),
+    (lambda s, t, y: losses.forward_kl(s, t, grad_out=np.empty((2, 3, 4))), "grad_out"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, mode="public_code", divergence="reverse_kl"), "public_code"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, mode="code"), "mode must be"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, divergence="kl"), "divergence must be one of"),
+    (lambda s, t, y: losses.divergence("cross_entropy", s, t), "divergence kind"),
+    (lambda s, t, y: losses.forward_kl(s[0, 0], t[0, 0]), r"\[N, V\] or \[B, T, V\]"),
+    (lambda s, t, y: losses.fused_linear_loss(s, t, y, loss="ce"), "loss must be one of"),
+    (lambda s, t, y: losses.fused_linear_loss(s, t[0, :, :4], y, loss="cross_entropy"), "same C"),
+])
+def test_bad_input_is_a_clear_error(call, message):
+    s, t = logits(51, (2, 3, 5)), logits(52, (2, 3, 5))
+    y = np.array([[1, 2, 3], [4, 0, 1]])
+    with pytest.raises(ValueError, match=message):
+        call(s, t, y)
+
+
+def test_integer_logits_are_rejected():
+    with pytest.raises(TypeError, match="student must be a float32 or float64 ndarray, got int64"):
+        losses.cross_entropy(np.zeros((2, 3), np.int64), np.array([0, 1]))
+    with pytest.raises(TypeError, match="teacher must be a float32 or float64"):
+        losses.reverse_kl(np.zeros((2, 3)), np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        rows("kl", np.zeros((1, 2)), np.zeros((1, 2)))
+
+
+def test_backend_argument_uses_the_named_kernel():
+    s, t = logits(61, (3, 4)), logits(62, (3, 4))
+    np.testing.assert_array_equal(losses.reverse_kl(s, t, backend="numpy")[1], losses.reverse_kl(s, t)[1])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        losses.reverse_kl(s, t, backend="cuda")
