@@ -1,0 +1,181 @@
+"""KV-cached generation equals recomputation; sampling is seeded, greedy is argmax, top-k / top-p restrict
+the support, EOS finishes rows."""
+
+import numpy as np
+import pytest
+
+from refslm import generate, models
+from refslm.config import tiny_decoder_only, tiny_encoder_decoder
+
+ENC = np.array([[1, 5, 6, 7, 9, 0, 0], [1, 8, 9, 11, 3, 3, 4]])  # right-padded encoder input
+PROMPT = np.array([[0, 0, 1, 40, 41, 42], [1, 7, 8, 9, 10, 11]])  # left-padded decoder-only prompt
+
+CONFIGS = {
+    "encoder_decoder": tiny_encoder_decoder(),
+    "encoder_decoder_ntk": tiny_encoder_decoder(rope_factor=2.0, block_size=4),
+    "mu": tiny_decoder_only(),
+    "mu_ntk": tiny_decoder_only(rope_factor=3.0, block_size=8),
+    "llama": tiny_decoder_only(layout="llama", is_interleaved=True, tie_word_embeddings=False),
+    "phi3_linear_rope": tiny_decoder_only(layout="phi3", rope_type="linear", rope_factor=2.0),
+    "llama_inf_mask": tiny_decoder_only(layout="llama", mask_fill="-inf"),
+}
+
+
+def uncached_last_logits(model, inputs, ids):
+    """Logits of the last position of ids [B, T], recomputed from scratch."""
+    if model.is_encoder_decoder:
+        return model.logits(inputs, ids)[:, -1]
+    return model.logits(ids, position_ids=models.left_padding_positions(ids, model.config.pad_token_id))[:, -1]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_logits_equal_recomputed(name):
+    model = models.init(CONFIGS[name], seed=1, dtype="float64")
+    inputs = ENC if model.is_encoder_decoder else PROMPT
+    steps = 7  # with block_size 4 / 8 the NTK base changes during decoding
+    decoder = generate.CachedDecoder(model, inputs, steps)
+    tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(steps, 2))
+    tokens[2, 1] = model.config.pad_token_id  # a generated pad is a masked key, in both computations
+    for i in range(steps):
+        expected = uncached_last_logits(model, inputs, decoder.ids[:, :decoder.length])
+        assert np.abs(decoder.logits - expected).max() < 1e-12 * np.abs(expected).max(), f"step {i}"
+        decoder.step(tokens[i])
+    if "ntk" in name:  # the base really moved, so stale caches would have been caught
+        assert model.rope_base(decoder.length) != model.rope_base(1)
+    with pytest.raises(ValueError, match=r"capacity \d+ is full"):
+        decoder.step(tokens[0])
+
+
+def test_cached_decoder_with_a_decoder_prefix_and_float32():
+    model = models.init(CONFIGS["encoder_decoder"], seed=2, dtype="float32")
+    prefix = np.array([[1, 20, 21], [1, 30, 31]])
+    decoder = generate.CachedDecoder(model, ENC, 2, decoder_input_ids=prefix)
+    assert decoder.logits.dtype == np.float32
+    reference = models.init(CONFIGS["encoder_decoder"], seed=2, dtype="float64")
+    np.testing.assert_allclose(decoder.logits, reference.logits(ENC, prefix)[:, -1], atol=2e-5, rtol=0)
+    got = decoder.step(np.array([5, 6]))
+    np.testing.assert_allclose(got, reference.logits(ENC, decoder.ids[:, :4])[:, -1], atol=2e-5, rtol=0)
+
+
+def test_left_padded_row_generates_like_the_unpadded_row():
+    model = models.init(CONFIGS["llama"], seed=3, dtype="float64")
+    alone = model.generate(PROMPT[:1, 2:], 5, seed=0, greedy=True)
+    in_batch = model.generate(PROMPT, 5, seed=0, greedy=True)
+    np.testing.assert_array_equal(in_batch[:1], alone)
+
+
+def test_encoder_padding_does_not_change_generation():
+    model = models.init(CONFIGS["encoder_decoder"], seed=3, dtype="float64")
+    alone = model.generate(ENC[:1, :5], 6, seed=0, greedy=True)
+    np.testing.assert_array_equal(model.generate(ENC, 6, seed=0, greedy=True)[:1], alone)
+
+
+@pytest.mark.parametrize("name", ["encoder_decoder", "mu"])
+def test_greedy_is_argmax_of_recomputed_logits(name):
+    model = models.init(CONFIGS[name], seed=4, dtype="float64")
+    inputs = ENC if model.is_encoder_decoder else PROMPT
+    out = model.generate(inputs, 5, greedy=True)
+    assert out.shape == (2, 5) and out.dtype == np.int64
+    prefix = np.full((2, 1), model.config.bos_token_id) if model.is_encoder_decoder else inputs
+    for i in range(5):
+        np.testing.assert_array_equal(out[:, i], np.argmax(uncached_last_logits(model, inputs, prefix), axis=-1))
+        prefix = np.concatenate([prefix, out[:, i:i + 1]], axis=1)
+
+
+def test_seed_reproduces_and_changes_tokens():
+    model = models.init(CONFIGS["encoder_decoder"], seed=5, dtype="float32")
+    a = model.generate(ENC, 8, seed=11, temperature=1.5)
+    np.testing.assert_array_equal(model.generate(ENC, 8, seed=11, temperature=1.5), a)
+    assert not np.array_equal(model.generate(ENC, 8, seed=12, temperature=1.5), a)
+    np.testing.assert_array_equal(model.generate(ENC, 8, top_k=1, seed=3), model.generate(ENC, 8, greedy=True))
+
+
+def test_eos_finishes_rows():
+    model = models.init(CONFIGS["mu"], seed=6, dtype="float64")
+    free = model.generate(PROMPT, 6, seed=7)
+    eos = int(free[0, 2])  # the token row 0 samples at step 2 becomes the end of sequence
+    out = model.generate(PROMPT, 6, seed=7, eos_token_id=eos)
+    for row in range(2):
+        hits = np.flatnonzero(free[row] == eos)
+        first = hits[0] if hits.size else 6
+        np.testing.assert_array_equal(out[row, :first + 1], free[row, :first + 1])
+        assert (out[row, first:] == eos).all()
+    assert (out[0, 2:] == eos).all()
+
+
+def test_generation_stops_when_every_row_is_finished():
+    model = models.init(CONFIGS["mu"], seed=6, dtype="float64")
+    first = model.generate(PROMPT, 1, greedy=True)
+    row0_eos = int(first[0, 0])
+    if first[1, 0] == row0_eos:
+        out = model.generate(PROMPT, 4, greedy=True, eos_token_id=row0_eos)
+        np.testing.assert_array_equal(out, np.full((2, 4), row0_eos))
+    single = model.generate(PROMPT[:1], 4, greedy=True, eos_token_id=row0_eos)
+    np.testing.assert_array_equal(single, np.full((1, 4), row0_eos))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    rng = np.random.default_rng(0)
+    probs = np.array([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    logits = np.tile(np.log(probs), (4000, 1))
+    assert set(generate.sample_tokens(logits, rng, top_k=2)) == {1, 3}
+    assert set(generate.sample_tokens(logits, rng, top_p=0.75)) == {1, 3}  # 0.5 < 0.75 <= 0.8
+    assert set(generate.sample_tokens(logits, rng, top_p=0.45)) == {1}
+    assert set(generate.sample_tokens(logits, rng, top_p=0.9)) == {1, 3, 2}
+    assert set(generate.sample_tokens(logits, rng)) == {0, 1, 2, 3}
+    assert set(generate.sample_tokens(logits, rng, top_k=3, top_p=0.9)) == {1, 3, 2}
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+    rng = np.random.default_rng(1)
+    n = 40000
+    logits = np.tile(np.array([0.0, 1.0, 2.0]), (n, 1))
+    temperature = 2.0
+    expected = np.exp(np.array([0.0, 0.5, 1.0]))
+    expected /= expected.sum()
+    counts = np.bincount(generate.sample_tokens(logits, rng, temperature=temperature), minlength=3)
+    sigma = np.sqrt(n * expected * (1 - expected))
+    assert np.all(np.abs(counts - n * expected) < 5 * sigma)
+    # top_k=2 renormalises over the two largest
+    kept = expected[1:] / expected[1:].sum()
+    counts = np.bincount(generate.sample_tokens(logits, rng, temperature=temperature, top_k=2), minlength=3)
+    assert counts[0] == 0 and abs(counts[2] - n * kept[1]) < 5 * np.sqrt(n * kept[0] * kept[1])
+
+
+def test_greedy_ties_take_the_lowest_id():
+    logits = np.array([[0.0, 3.0, 3.0, 1.0]])
+    assert generate.sample_tokens(logits, None, greedy=True)[0] == 1
+    assert generate.sample_tokens(logits, np.random.default_rng(0), top_k=1)[0] == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be"),
+    (dict(top_k=0), "top_k must be an int >= 1"),
+    (dict(top_k=2.5), "top_k must be an int >= 1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(eos_token_id=512), "eos_token_id=512 is outside the vocabulary"),
+])
+def test_bad_sampling_arguments(kwargs, message):
+    model = models.init(CONFIGS["mu"])
+    with pytest.raises(ValueError, match=message):
+        model.generate(PROMPT, 2, **kwargs)
+
+
+def test_bad_generation_inputs():
+    model = models.init(CONFIGS["encoder_decoder"])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        model.generate(ENC, 0)
+    with pytest.raises(ValueError, match="input_ids holds token id 600"):
+        model.generate(np.array([[1, 600]]), 2)
+    decoder = generate.CachedDecoder(model, ENC, 2)
+    with pytest.raises(ValueError, match=r"token_ids must be an int array of shape \(2,\)"):
+        decoder.step(np.array([1]))
+    with pytest.raises(ValueError, match="token_ids holds token id 512"):
+        decoder.step(np.array([1, 512]))
+    with pytest.raises(ValueError, match="decoder-only models take input_ids only"):
+        generate.CachedDecoder(models.init(CONFIGS["mu"]), PROMPT, 2, decoder_input_ids=PROMPT)
