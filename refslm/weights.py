@@ -1,0 +1,336 @@
+"""Checkpoints: `load(directory)` and `save(model, directory)` (config.json + model.safetensors).
+
+Two families of checkpoint, told apart by config.json (SPEC.md section "Checkpoints"):
+  - Mu (the paper's public naming): config.json holds refslm / Mu config fields (`n_encoder_layer`
+    for the encoder-decoder, `n_layer` for the decoder-only baseline); tensors under the canonical
+    `transformer.*` names; the tied head may also be stored as `lm_head.weight`.
+  - Hugging Face Llama / Phi-3: config.json names `LlamaForCausalLM` / `Phi3ForCausalLM`
+    (`architectures` or `model_type`); tensors under the state-dict names; transformers-4 RoPE
+    fields (`rope_theta`, `rope_scaling`) or transformers-5 ones (`rope_parameters`).
+Tensors stored as float64, float32, float16 or bfloat16 are widened exactly and then cast once to the
+compute dtype the caller asks for. Everything is read through refslm.safetensors_io (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig
+from .models import ParameterError, from_params
+from .safetensors_io import FLOAT_STORAGE, SafetensorsError, read_header, read_safetensors, write_safetensors
+
+Config = EncoderDecoderConfig | DecoderOnlyConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TIED_HEAD = "lm_head.weight"
+
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
+HF_MODEL_TYPES = {"llama": "llama", "phi3": "phi3"}
+HF_ARCHITECTURE_OF = {layout: arch for arch, layout in HF_ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")  # refslm rope_type has the same names
+# transformers' class defaults for keys a config.json may leave out
+HF_DEFAULTS = {
+    "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": None},
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 32000,
+             "pad_token_id": 32000},
+}
+HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+# refslm config fields that Mu config.json files carry but that are derived, not settable
+_NOT_INIT_FIELDS = ("kind",)
+# stacks of numbered blocks: tensor-name prefix -> the config field counting them
+_STACKS = {"transformer.e": ("n_encoder_layer",), "transformer.h": ("n_decoder_layer", "n_layer"),
+           "model.layers": ("n_layer",)}
+_STACK_INDEX = re.compile(r"^(transformer\.e|transformer\.h|model\.layers)\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete, inconsistent or unsupported."""
+
+
+# ---------------------------------------------------------------- config.json <-> refslm configs
+
+
+def hf_layout(data: dict[str, Any]) -> str | None:
+    """'llama' | 'phi3' for a Hugging Face config.json, None for a Mu one; raises for other HF models."""
+    architectures = data.get("architectures") or []
+    model_type = data.get("model_type")
+    for arch in architectures:
+        if arch in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[arch]
+    if model_type in HF_MODEL_TYPES:
+        return HF_MODEL_TYPES[model_type]
+    if architectures or model_type:
+        raise CheckpointError(f"config.json: unsupported model (architectures={architectures}, model_type="
+                              f"{model_type!r}); supported: {sorted(HF_ARCHITECTURES)} or the Mu naming")
+    return None
+
+
+def hf_rope(data: dict[str, Any]) -> tuple[float, str, float]:
+    """config.json -> (rope_theta, rope_type, rope_factor), from transformers-5 `rope_parameters` or
+    transformers-4 top-level `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor"})."""
+    params = data.get("rope_parameters")
+    if params is None:
+        params = dict(data.get("rope_scaling") or {})
+        params.setdefault("rope_theta", data.get("rope_theta", 10000.0))
+    elif not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"config.json: rope_parameters must be one flat dict, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"config.json: RoPE type {rope_type!r} is not supported (supported: "
+                              f"{SUPPORTED_ROPE_TYPES}; llama3, yarn, longrope are not implemented)")
+    if params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+    factor = 1.0 if rope_type == "default" else float(params.get("factor", 1.0))
+    return float(params.get("rope_theta", data.get("rope_theta", 10000.0))), rope_type, factor
+
+
+def _token_id(data: dict[str, Any], name: str, layout: str) -> int:
+    """A special token id; a list (several EOS ids) gives its first entry, None gives 0."""
+    value = data.get(name, HF_DEFAULTS[layout][name])
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return 0 if value is None else int(value)
+
+
+def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
+    """Hugging Face Llama / Phi-3 config.json dict -> DecoderOnlyConfig(layout=layout)."""
+    missing = [k for k in HF_REQUIRED if k not in data]
+    if missing:
+        raise CheckpointError(f"config.json: Hugging Face {layout} config lacks {missing}")
+    if data.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (only 'silu')")
+    window = data.get("sliding_window")
+    max_positions = data.get("max_position_embeddings", HF_DEFAULTS[layout]["max_position_embeddings"])
+    if window is not None and window < max_positions:
+        raise CheckpointError(f"config.json: sliding_window={window} < max_position_embeddings={max_positions} "
+                              "is not supported (sliding-window attention is not implemented)")
+    theta, rope_type, factor = hf_rope(data)
+    is_llama = layout == "llama"
+    try:
+        return DecoderOnlyConfig(
+            layout=layout, n_layer=data["num_hidden_layers"], n_embd=data["hidden_size"], qkv_embd=None,
+            hidden_dim=data["intermediate_size"], n_head=data["num_attention_heads"],
+            n_kv_head=data.get("num_key_value_heads") or data["num_attention_heads"],
+            head_dim=data.get("head_dim") if is_llama else None, is_interleaved=True,
+            block_size=max_positions, rope_theta=theta, rope_factor=factor, rope_type=rope_type,
+            rope_layout="rotate_half", vocab_size=data["vocab_size"],
+            pad_token_id=_token_id(data, "pad_token_id", layout), bos_token_id=_token_id(data, "bos_token_id", layout),
+            eos_token_id=_token_id(data, "eos_token_id", layout),
+            norm_eps=data.get("rms_norm_eps", HF_DEFAULTS[layout]["rms_norm_eps"]),
+            mask_fill=data.get("mask_fill", "-inf"),
+            attention_bias=bool(data.get("attention_bias", False)) and is_llama,
+            mlp_bias=bool(data.get("mlp_bias", False)) and is_llama,
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)))
+    except ConfigError as exc:
+        raise CheckpointError(f"config.json: {exc}") from None
+
+
+def config_to_hf(config: DecoderOnlyConfig, storage: str) -> dict[str, Any]:
+    """DecoderOnlyConfig(layout 'llama' | 'phi3') -> a Hugging Face config.json dict.
+
+    RoPE is written in both the transformers-4 and -5 forms. Raises CheckpointError for settings
+    the Hugging Face classes cannot express (their numbers would silently differ).
+    """
+    problems = []
+    if not config.is_interleaved:
+        problems.append("is_interleaved=False (Hugging Face repeats each KV head consecutively)")
+    if config.rope_layout != "rotate_half":
+        problems.append(f"rope_layout={config.rope_layout!r} (Hugging Face uses rotate_half)")
+    if config.layout == "phi3" and (config.attention_bias or config.mlp_bias):
+        problems.append("attention_bias / mlp_bias (Phi-3 has no biases)")
+    if config.layout == "phi3" and config.resolved_head_dim * config.n_head != config.n_embd:
+        problems.append(f"head_dim={config.resolved_head_dim} != n_embd / n_head (Phi-3 derives it)")
+    if problems:
+        raise CheckpointError(f"cannot save as Hugging Face {config.layout}: " + "; ".join(problems))
+    rope_type = "default" if config.rope_type == "default" or config.rope_factor == 1.0 else config.rope_type
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, "type": rope_type,
+                                                   "factor": config.rope_factor}
+    data: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURE_OF[config.layout]], "model_type": config.layout,
+        "hidden_size": config.n_embd, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+        "hidden_act": "silu", "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+        "vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_word_embeddings,
+        "pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id, "rope_theta": config.rope_theta, "rope_scaling": scaling,
+        "rope_parameters": {"rope_theta": config.rope_theta, **(scaling or {"rope_type": "default"})},
+        "torch_dtype": storage, "dtype": storage, "mask_fill": config.mask_fill,
+    }
+    if config.layout == "llama":
+        data.update(head_dim=config.resolved_head_dim, attention_bias=config.attention_bias,
+                    mlp_bias=config.mlp_bias)
+    else:
+        data.update(original_max_position_embeddings=config.block_size)
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A config.json dict (Mu or Hugging Face) -> EncoderDecoderConfig | DecoderOnlyConfig.
+
+    Mu: `n_encoder_layer` present -> EncoderDecoderConfig, `n_layer` -> DecoderOnlyConfig; fields
+    refslm does not know (training-only ones such as dropout) are ignored.
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {type(data).__name__}")
+    layout = hf_layout(data)
+    if layout is not None:
+        return config_from_hf(data, layout)
+    fields = {k: v for k, v in data.items() if k not in _NOT_INIT_FIELDS}
+    if "n_encoder_layer" in data:
+        cls: type[Config] = EncoderDecoderConfig
+    elif "n_layer" in data:
+        cls = DecoderOnlyConfig
+    else:
+        raise CheckpointError("config.json: cannot tell the model: expected Hugging Face architectures "
+                              f"{sorted(HF_ARCHITECTURES)} or model_type, or Mu fields n_encoder_layer / n_layer")
+    try:
+        return cls.from_dict(fields)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"config.json: {exc}") from None
+
+
+def config_to_dict(config: Config, storage: str) -> dict[str, Any]:
+    """The config.json written by `save`: Hugging Face form for layouts 'llama' / 'phi3', else Mu fields."""
+    if isinstance(config, DecoderOnlyConfig) and config.layout != "mu":
+        return config_to_hf(config, storage)
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_INIT_FIELDS}
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def _shard_files(directory: Path) -> dict[str, list[str]]:
+    """file name -> tensor names it must hold (one file, or the shards of model.safetensors.index.json)."""
+    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if single.exists():
+        return {WEIGHTS_FILE: []}
+    if not index.exists():
+        raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
+    shards: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {file!r}, not a file name in the directory")
+        shards.setdefault(file, []).append(name)
+    return shards
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (BF16 widened to float32, other dtypes as stored)."""
+    directory = Path(directory)
+    tensors: dict[str, np.ndarray] = {}
+    for file, listed in _shard_files(directory).items():
+        path = directory / file
+        if not path.exists():
+            raise FileNotFoundError(f"{directory / INDEX_FILE} names shard {file}, which does not exist")
+        names = list(read_header(path).tensors)
+        unlisted = sorted(set(names) - set(listed)) if listed else []
+        absent = sorted(set(listed) - set(names))
+        repeated = sorted(set(names) & set(tensors))
+        for problem, items in (("holds tensors the index does not list", unlisted), ("lacks tensors the index lists",
+                               absent), ("repeats tensors of another shard", repeated)):
+            if items:
+                raise CheckpointError(f"{path}: {problem}: {items}")
+        tensors.update(read_safetensors(path))
+    return tensors
+
+
+def _check_stack_depths(config: Config, tensors: dict[str, np.ndarray]) -> None:
+    """The numbered blocks in the tensor names must match the config's layer counts."""
+    found: dict[str, set[int]] = {}
+    for name in tensors:
+        match = _STACK_INDEX.match(name)
+        if match:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    for prefix, indices in found.items():
+        field = next((f for f in _STACKS[prefix] if hasattr(config, f)), None)
+        if field is None:
+            continue  # a stack this layout does not have: reported as unexpected tensors
+        expected = getattr(config, field)
+        if indices != set(range(expected)):
+            raise CheckpointError(f"config.json says {field}={expected} but the weights hold {prefix}.N blocks "
+                                  f"N = {sorted(indices)}")
+
+
+def _expected_prefix(config: Config) -> str:
+    return "model." if isinstance(config, DecoderOnlyConfig) and config.layout != "mu" else "transformer."
+
+
+def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checkpoint tensors -> the model's canonical parameters.
+
+    A tied head (Mu encoder-decoder, or tie_word_embeddings) may be stored as lm_head.weight too; it
+    must then equal the embedding exactly and is dropped. Raises CheckpointError when the names
+    belong to another layout or the block counts contradict the config.
+    """
+    prefix = _expected_prefix(config)
+    if tensors and not any(n.startswith(prefix) for n in tensors):
+        raise CheckpointError(f"config.json describes a {type(config).__name__}"
+                              f"{'' if isinstance(config, EncoderDecoderConfig) else f'(layout={config.layout!r})'}"
+                              f" with '{prefix}*' tensors, but the weights hold e.g. {sorted(tensors)[:3]}")
+    _check_stack_depths(config, tensors)
+    tied = isinstance(config, EncoderDecoderConfig) or config.tie_word_embeddings
+    if tied and TIED_HEAD in tensors:
+        embed_name = prefix + ("embed_tokens.weight" if prefix == "model." else "wte.weight")
+        embed = tensors.get(embed_name)
+        head = tensors[TIED_HEAD]
+        if embed is None or embed.shape != head.shape or not np.array_equal(embed, head):
+            raise CheckpointError(f"the head is tied to {embed_name} but {TIED_HEAD} is stored with different "
+                                  "values (or shape); store it once, or set tie_word_embeddings=false")
+        tensors = {n: t for n, t in tensors.items() if n != TIED_HEAD}
+    return tensors
+
+
+# ---------------------------------------------------------------- public entry points
+
+
+def load(directory: str | os.PathLike, dtype: str = "float32", backend: Any = "numpy"):
+    """config.json + model.safetensors (or its sharded index) -> refslm model computing in `dtype`.
+
+    Raises FileNotFoundError for missing files, CheckpointError (a ValueError) for a corrupt file,
+    an unsupported or contradictory config, or missing / unexpected / misshaped tensors (all listed).
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a checkpoint is config.json + {WEIGHTS_FILE})")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    try:
+        config = config_from_dict(data)
+        params = canonical_params(config, read_tensors(directory))
+        return from_params(config, params, dtype=dtype, backend=backend)
+    except (SafetensorsError, ParameterError, CheckpointError) as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+
+
+def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None) -> None:
+    """Write model as config.json + model.safetensors into directory (created if needed).
+
+    storage: tensor dtype in the file, "float64" | "float32" | "float16" | "bfloat16" (default: the
+    model's dtype), rounded to nearest even. Mu models keep the Mu naming and config fields; Llama /
+    Phi-3 layouts get Hugging Face names and config.json, loadable by transformers. A tied head is
+    stored once (as the embedding).
+    """
+    storage = storage or model.dtype
+    if storage not in FLOAT_STORAGE:
+        raise ValueError(f"storage must be one of {sorted(FLOAT_STORAGE)}, got {storage!r}")
+    config_data = config_to_dict(model.config, storage)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors(directory / WEIGHTS_FILE, model.params, metadata={"format": "pt"}, storage=storage)
+    (directory / CONFIG_FILE).write_text(json.dumps(config_data, indent=2) + "\n")
