@@ -385,11 +385,205 @@ def attention_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------ models (SPEC.md section 3)
+
+COMMON_CONFIG = dict(  # every configuration field (refslm/config.py names), tiny sizes
+    n_embd=64, qkv_embd=48, hidden_dim=128, n_head=6, n_kv_head=2, head_dim=None, is_interleaved=False,
+    block_size=32, rope_theta=10000.0, rope_factor=1.0, rope_type="dynamic", rope_layout="rotate_half",
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=512, norm_eps=1e-6, mask_fill="finite_min")
+
+
+def ed_config(**overrides) -> dict:
+    return {**COMMON_CONFIG, "n_encoder_layer": 2, "n_decoder_layer": 1, **overrides}
+
+
+def do_config(**overrides) -> dict:
+    values = {**COMMON_CONFIG, "n_layer": 2, "layout": "mu", "attention_bias": True, "mlp_bias": True,
+              "tie_word_embeddings": True, **overrides}
+    return values
+
+
+def head_dim(cfg: dict) -> int:
+    if cfg["head_dim"] is not None:
+        return cfg["head_dim"]
+    return (cfg["qkv_embd"] or cfg["n_embd"]) // cfg["n_head"]
+
+
+def mu_param_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Canonical Mu names -> shapes: encoder-decoder (n_encoder_layer in cfg) or the Mu decoder-only baseline."""
+    c, f, d = cfg["n_embd"], cfg["hidden_dim"], head_dim(cfg)
+    q, kv = cfg["n_head"] * d, cfg["n_kv_head"] * d
+    shapes = {"transformer.wte.weight": (cfg["vocab_size"], c)}
+
+    def attention(prefix):
+        for name, out, inp in (("q_linear", q, c), ("k_linear", kv, c), ("v_linear", kv, c), ("out_linear", c, q)):
+            shapes[f"{prefix}.{name}.weight"], shapes[f"{prefix}.{name}.bias"] = (out, inp), (out,)
+
+    def block(prefix, self_attn, cross):
+        for k in (1, 2, 3) if cross else (1, 2):
+            shapes[f"{prefix}.ln{k}.weight"] = (c,)
+        attention(f"{prefix}.{self_attn}")
+        if cross:
+            attention(f"{prefix}.cross_attn")
+        shapes.update({f"{prefix}.mlp.fc1.weight": (f, c), f"{prefix}.mlp.fc1.bias": (f,),
+                       f"{prefix}.mlp.fc2.weight": (c, f), f"{prefix}.mlp.fc2.bias": (c,)})
+
+    if "n_encoder_layer" in cfg:
+        for i in range(cfg["n_encoder_layer"]):
+            block(f"transformer.e.{i}", "attn", cross=False)
+        shapes["transformer.ln_e.weight"] = (c,)
+    for i in range(cfg.get("n_decoder_layer", cfg.get("n_layer"))):
+        block(f"transformer.h.{i}", "causal_attn", cross="n_encoder_layer" in cfg)
+    shapes["transformer.ln_f.weight"] = (c,)
+    if not cfg.get("tie_word_embeddings", True):
+        shapes["lm_head.weight"] = (cfg["vocab_size"], c)
+    return shapes
+
+
+def random_params(g: torch.Generator, shapes: dict[str, tuple[int, ...]]) -> Tensors:
+    """Norm weights 1 + 0.2 N(0,1); biases 0.1 N(0,1); embeddings N(0,1); other matrices N(0, 1/fan_in)."""
+    params = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1 and ("ln" in name.split(".")[-2] or "norm" in name):
+            params[name] = 1.0 + randn(g, *shape, scale=0.2)
+        elif len(shape) == 1:
+            params[name] = randn(g, *shape, scale=0.1)
+        elif "wte" in name or "embed_tokens" in name:
+            params[name] = randn(g, *shape)
+        else:
+            params[name] = randn(g, *shape, scale=shape[1] ** -0.5)
+    return params
+
+
+def rope_tables(cfg: dict, positions: torch.Tensor, seq_len: int):
+    """cos, sin [B or 1, T, D] float64 for positions under the config's RoPE type (SPEC.md RoPE)."""
+    theta, linear = cfg["rope_theta"], 1.0
+    if cfg["rope_type"] == "dynamic":
+        theta = ntk_theta(theta, head_dim(cfg), seq_len, cfg["rope_factor"], cfg["block_size"])
+    elif cfg["rope_type"] == "linear":
+        linear = cfg["rope_factor"]
+    return t_rope_cos_sin(positions, head_dim(cfg), theta, cfg["rope_layout"], linear)
+
+
+def mu_attention(p, prefix, cfg, x_q, x_kv, key_mask, causal, rope):
+    """Mu attention module: projections (with biases), RoPE on q and k (rope = (cos, sin) or None), out."""
+    def proj(name, x, heads):
+        return split_heads(t_linear(x, p[f"{prefix}.{name}.weight"], p.get(f"{prefix}.{name}.bias")), heads)
+
+    q, k, v = proj("q_linear", x_q, cfg["n_head"]), proj("k_linear", x_kv, cfg["n_kv_head"]), \
+        proj("v_linear", x_kv, cfg["n_kv_head"])
+    if rope is not None:
+        q, k = t_apply_rope(q, *rope, cfg["rope_layout"]), t_apply_rope(k, *rope, cfg["rope_layout"])
+    y = t_attention(q, k, v, key_mask, causal, 0, cfg["is_interleaved"], cfg["mask_fill"])
+    return t_linear(merge_heads(y), p[f"{prefix}.out_linear.weight"], p[f"{prefix}.out_linear.bias"])
+
+
+def mu_mlp(p, prefix, x):
+    h = t_gelu_tanh(t_linear(x, p[f"{prefix}.fc1.weight"], p[f"{prefix}.fc1.bias"]))
+    return t_linear(h, p[f"{prefix}.fc2.weight"], p[f"{prefix}.fc2.bias"])
+
+
+def mu_decoder_stack(p, cfg, ids, n_layer, positions=None, encoded=None, enc_mask=None):
+    """Mu decoder blocks over ids [B, T] (positions default 0..T-1; pads masked as keys) -> logits [B, T, V]."""
+    eps, t = cfg["norm_eps"], ids.shape[1]
+    rope = rope_tables(cfg, torch.arange(t)[None] if positions is None else positions, t)
+    mask = ids != cfg["pad_token_id"]
+    x = F.embedding(ids, p["transformer.wte.weight"])
+    for i in range(n_layer):
+        pre = f"transformer.h.{i}"
+        h = t_rmsnorm(x, p[f"{pre}.ln1.weight"], eps)
+        x = x + mu_attention(p, f"{pre}.causal_attn", cfg, h, h, mask, True, rope)
+        k = 2
+        if encoded is not None:
+            x = x + mu_attention(p, f"{pre}.cross_attn", cfg, t_rmsnorm(x, p[f"{pre}.ln2.weight"], eps), encoded,
+                                 enc_mask, False, None)
+            k = 3
+        x = x + mu_mlp(p, f"{pre}.mlp", t_rmsnorm(x, p[f"{pre}.ln{k}.weight"], eps))
+    x = t_rmsnorm(x, p["transformer.ln_f.weight"], eps)
+    return x @ p.get("lm_head.weight", p["transformer.wte.weight"]).T
+
+
+def mu_encode(p, cfg, ids):
+    """Mu encoder: bidirectional, centred positions p - (L-1)//2, pad keys masked -> ln_e(x) [B, Te, C]."""
+    eps, te = cfg["norm_eps"], ids.shape[1]
+    rope = rope_tables(cfg, (torch.arange(te) - (te - 1) // 2)[None], te)
+    mask = ids != cfg["pad_token_id"]
+    x = F.embedding(ids, p["transformer.wte.weight"])
+    for i in range(cfg["n_encoder_layer"]):
+        pre = f"transformer.e.{i}"
+        h = t_rmsnorm(x, p[f"{pre}.ln1.weight"], eps)
+        x = x + mu_attention(p, f"{pre}.attn", cfg, h, h, mask, False, rope)
+        x = x + mu_mlp(p, f"{pre}.mlp", t_rmsnorm(x, p[f"{pre}.ln2.weight"], eps))
+    return t_rmsnorm(x, p["transformer.ln_e.weight"], eps), mask
+
+
+def mu_logits(p, cfg, ids, decoder_ids=None, positions=None):
+    """Logits [B, T, V] of the Mu encoder-decoder (decoder_ids given) or Mu decoder-only model."""
+    if "n_encoder_layer" in cfg:
+        encoded, enc_mask = mu_encode(p, cfg, ids)
+        return mu_decoder_stack(p, cfg, decoder_ids, cfg["n_decoder_layer"], encoded=encoded, enc_mask=enc_mask)
+    return mu_decoder_stack(p, cfg, ids, cfg["n_layer"], positions=positions)
+
+
+def params_of(t: Tensors) -> Tensors:
+    return {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+
+
+def padded_ids(g, rows: list[tuple[int, int]], length: int, vocab: int, pad: int = 0, first: int | None = None):
+    """[B, length] random ids in [3, vocab) with (left pads, right pads) per row; first: id of column 0."""
+    ids = randint(g, 3, vocab, len(rows), length)
+    if first is not None:
+        ids[:, 0] = first
+    for row, (left, right) in enumerate(rows):
+        ids[row, :left] = pad
+        if right:
+            ids[row, length - right:] = pad
+    return ids
+
+
+def mu_model_cases() -> list[Case]:
+    """Mu encoder-decoder and Mu decoder-only goldens (torch, written from SPEC.md)."""
+    specs = [
+        ("model_ed_gqa_block", "encoder-decoder, GQA 6/2 block order, encoder left and right padding, decoder "
+         "right padding, centred encoder positions, tied head", ed_config(), [(0, 0), (3, 0), (0, 2)],
+         [(0, 0), (0, 2), (0, 0)], 9, 7),
+        ("model_ed_interleaved_ntk_neginf", "encoder-decoder, GQA 6/2 interleaved, dynamic NTK (factor 2, "
+         "block_size 8 < Te 12, Td 10), -inf mask fill, a fully padded encoder row (cross-attention rows of zeros)",
+         ed_config(is_interleaved=True, rope_factor=2.0, block_size=8, mask_fill="-inf"), [(2, 0), (12, 0)],
+         [(0, 3), (0, 0)], 12, 10),
+        ("model_ed_mqa_linear_interleaved_rope", "encoder-decoder, MQA 4/1, linear RoPE scaling factor 2, "
+         "interleaved RoPE layout, qkv_embd None (= n_embd), 3 decoder layers",
+         ed_config(n_head=4, n_kv_head=1, qkv_embd=None, rope_type="linear", rope_factor=2.0, rope_layout="interleaved",
+                   n_encoder_layer=1, n_decoder_layer=3), [(0, 1), (1, 0)], [(0, 0), (0, 1)], 6, 5),
+        ("model_do_mu_tied", "Mu decoder-only baseline, GQA 6/2 block order, tied head, left and right padding "
+         "(positions 0..T-1)", do_config(), [(3, 0), (0, 2)], None, 10, None),
+        ("model_do_mu_untied_ntk", "Mu decoder-only, GQA 6/2 interleaved, untied lm_head, dynamic NTK (factor 3, "
+         "block_size 8 < T 12)", do_config(is_interleaved=True, tie_word_embeddings=False, rope_factor=3.0,
+                                            block_size=8), [(0, 0), (0, 4)], None, 12, None),
+    ]
+    cases = []
+    for name, description, cfg, enc_rows, dec_rows, te, td in specs:
+        g = generator(name)
+        params = random_params(g, mu_param_shapes(cfg))
+        inputs = {"input.input_ids": padded_ids(g, enc_rows, te, cfg["vocab_size"])}
+        if dec_rows is not None:
+            inputs["input.decoder_input_ids"] = padded_ids(g, dec_rows, td, cfg["vocab_size"], first=1)
+        inputs.update({f"param.{k}": v for k, v in params.items()})
+
+        def compute(t, cfg=cfg):
+            return {"output.logits": mu_logits(params_of(t), cfg, t["input.input_ids"],
+                                               t.get("input.decoder_input_ids"))}
+
+        kind = "encoder_decoder" if dec_rows is not None else "decoder_only"
+        cases.append(Case(name, "model", description, inputs, compute, {"model_kind": kind}, cfg))
+    return cases
+
+
 # ------------------------------------------------------------------ main
 
 
 def all_cases() -> list[Case]:
-    return op_cases()
+    return op_cases() + mu_model_cases()
 
 
 def main() -> None:

@@ -274,6 +274,24 @@ def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> 
 HOST_OPS = ("softmax", "log_softmax")
 
 
+def case_model(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str):
+    """The refslm model of a model/generate case: config from the manifest, weights from param.* tensors."""
+    from . import models
+    from .config import DecoderOnlyConfig, EncoderDecoderConfig
+
+    kind = case.attributes["model_kind"]
+    cls = EncoderDecoderConfig if kind == "encoder_decoder" else DecoderOnlyConfig
+    config = cls.from_dict(case.config, ignore_unknown=False)
+    params = {name[len("param."):]: value for name, value in t.items() if name.startswith("param.")}
+    return models.from_params(config, params, dtype=dtype, backend=backend)
+
+
+def _run_model(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """Logits of a whole model, no cache: encoder-decoder (input_ids, decoder_input_ids) or decoder-only."""
+    model = case_model(case, t, backend, dtype)
+    return {"output.logits": model.logits(t["input.input_ids"], t.get("input.decoder_input_ids"))}
+
+
 @dataclass(frozen=True)
 class Runner:
     """How refslm runs one kind of case: run(case, tensors in the compute dtype, backend, dtype) -> outputs."""
@@ -284,6 +302,7 @@ class Runner:
 
 RUNNERS: dict[str, Runner] = {
     "op": Runner(_run_op, lambda case: case.attributes["op"] not in HOST_OPS),
+    "model": Runner(_run_model),
 }
 
 
