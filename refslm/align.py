@@ -537,3 +537,110 @@ def kd_batch(
     return kd_batch_from_targets(
         src, targets, encoder_len=encoder_len, decoder_len=decoder_len, pad_id=pad_id, bos_id=bos_id
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# `refslm align`: a readable table
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table: columns left-aligned to their widest cell, a dashed rule under the header."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _token(tokenizer, token_id: int) -> str:
+    """A token id as `id repr(token string)` for the table."""
+    return f"{token_id} {tokenizer.id_to_token(int(token_id))!r}"
+
+
+def shared_tokenizer_table(tokenizer, source: str, target: str, *, encoder_len=None, decoder_len=None, pad_id=0,
+                           bos_id=1) -> str:
+    """The paper layout for one tokenizer: what each student position reads, predicts, and which teacher
+    position (and the last token that position has seen) supervises it."""
+    src = [tokenizer.encode(source, add_special_tokens=False).ids]
+    tgt = [tokenizer.encode(target, add_special_tokens=False).ids]
+    encoder_len = encoder_len or len(src[0])
+    decoder_len = decoder_len or len(tgt[0])
+    kd = kd_batch_from_targets(src, tgt, encoder_len=encoder_len, decoder_len=decoder_len, pad_id=pad_id, bos_id=bos_id)
+    rows = []
+    for t in range(decoder_len):
+        position = int(kd.index_map[0, t])
+        rows.append([
+            t, _token(tokenizer, kd.decoder_input_ids[0, t]), _token(tokenizer, kd.labels[0, t]), position,
+            _token(tokenizer, kd.teacher_input_ids[0, position]), "yes" if kd.valid_mask[0, t] else "no (padding)",
+        ])
+    header = ["student t", "decoder input", "label", "teacher pos", "teacher's last seen token", "supervised"]
+    title = (f"paper layout: teacher input = source left-padded to {encoder_len} + target right-padded to "
+             f"{decoder_len}; teacher position {encoder_len - 1} + t predicts target token t")
+    return title + "\n" + format_table(header, rows)
+
+
+def cross_tokenizer_table(student_tokenizer, teacher_tokenizer, source: str, target: str, *, decoder_len=None) -> str:
+    """Two tokenizers: the teacher reads its own tokens of [source; target] unpadded; each student
+    target token is supervised through the cross-tokenizer alignment (refslm.token_align)."""
+    from . import token_align
+
+    alignment = token_align.align_text(target, student_tokenizer, teacher_tokenizer)
+    teacher_source = teacher_tokenizer.encode(source, add_special_tokens=False).ids
+    decoder_len = decoder_len or len(alignment.student_ids)
+    # one unpadded row; pad_id -1 matches no token, so no teacher token is masked
+    teacher = right_padded_teacher_batch([teacher_source], [alignment.teacher_ids], pad_id=-1)
+    positions, valid = index_map(teacher, decoder_len, token_align.teacher_token_of([alignment], decoder_len))
+    rows = []
+    for t in range(decoder_len):
+        if t >= len(alignment.student_ids):
+            rows.append([t, "(padding)", "", "", -1, "", "no"])
+            continue
+        j, position = int(alignment.teacher_index[t]), int(positions[0, t])
+        rows.append([
+            t, _token(student_tokenizer, alignment.student_ids[t]), alignment.kind[t], j,
+            _token(teacher_tokenizer, alignment.teacher_ids[j]) if j >= 0 else "", position,
+            "yes" if valid[0, t] else "no",
+        ])
+    header = ["student t", "student token", "kind", "teacher token", "teacher token text", "teacher pos", "supervised"]
+    title = (f"cross-tokenizer: teacher row = {len(teacher_source)} source + {len(alignment.teacher_ids)} target "
+             "tokens, unpadded; teacher position (source length - 1 + j) predicts teacher target token j")
+    return title + "\n" + format_table(header, rows)
+
+
+def align_arguments(parser) -> None:
+    """Arguments of `refslm align`."""
+    parser.add_argument("--tokenizer", required=True, help="student tokenizer.json (also the teacher's unless given)")
+    parser.add_argument("--teacher-tokenizer", help="teacher tokenizer.json, when it differs from the student's")
+    parser.add_argument("--source", required=True, help="source text")
+    parser.add_argument("--target", required=True, help="target text")
+    parser.add_argument("--encoder-len", type=int, help="encoder length (default: the source's token count)")
+    parser.add_argument("--decoder-len", type=int, help="decoder length (default: the target's token count)")
+    parser.add_argument("--pad-id", type=int, default=0, help="pad id (default 0, the paper's tokenizer)")
+    parser.add_argument("--bos-id", type=int, default=1, help="BOS id (default 1, the paper's tokenizer)")
+
+
+def align_command(args) -> int:
+    """Print which teacher position supervises each student position; 2 with a message on bad input."""
+    import sys
+
+    from .token_align import load_tokenizer
+
+    try:
+        student_tokenizer = load_tokenizer(args.tokenizer)
+        if args.teacher_tokenizer:
+            if args.encoder_len is not None:
+                raise ValueError("--encoder-len applies to the shared-tokenizer (paper) layout only")
+            teacher_tokenizer = load_tokenizer(args.teacher_tokenizer)
+            table = cross_tokenizer_table(
+                student_tokenizer, teacher_tokenizer, args.source, args.target, decoder_len=args.decoder_len
+            )
+        else:
+            table = shared_tokenizer_table(
+                student_tokenizer, args.source, args.target, encoder_len=args.encoder_len,
+                decoder_len=args.decoder_len, pad_id=args.pad_id, bos_id=args.bos_id,
+            )
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"refslm align: error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    return 0

@@ -271,3 +271,134 @@ def test_gather_rejects_a_mask_on_a_missing_logit():
 def test_packed_pair_longer_than_row_is_an_error():
     with pytest.raises(ValueError, match="pair 0 has 5 tokens, more than row_length=4"):
         align.packed_teacher_batch([[3, 3, 3]], [[4, 4]], row_length=4, pad_id=PAD)
+
+
+# ---------------------------------------------------------------- with real models from refslm.models
+
+
+def tiny_teacher():
+    from refslm import config, models
+
+    return models.init(config.tiny_decoder_only(layout="llama"), seed=0, dtype="float64")
+
+
+@pytest.mark.parametrize("layout", ["paper", "right_padded"])
+def test_real_teacher_gathered_logits_equal_unpadded_prefix_runs(layout):
+    teacher = tiny_teacher()
+    rng = np.random.default_rng(3)
+    sources = [rng.integers(3, 512, size=n) for n in (2, 5, 4)]
+    targets = [rng.integers(3, 512, size=n) for n in (3, 1, 4)]
+    enc, dec = 4, 5  # the second source is truncated to its first 4 tokens
+    if layout == "paper":
+        batch = align.paper_teacher_batch(sources, targets, encoder_len=enc, decoder_len=dec, pad_id=PAD)
+        sources = [s[:enc] for s in sources]
+    else:
+        batch = align.right_padded_teacher_batch(sources, targets, pad_id=PAD)
+    positions, valid = align.index_map(batch, dec)
+    gathered = align.gather_teacher_logits(teacher.logits(batch.input_ids), positions, valid)
+    checked = 0
+    for b, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        for t in range(len(target)):
+            prefix = np.concatenate([source, target[:t]])[None, :]
+            expected = teacher.logits(prefix)[0, -1]
+            np.testing.assert_allclose(gathered[b, t], expected, rtol=1e-12, atol=1e-12)
+            checked += 1
+        np.testing.assert_array_equal(gathered[b, len(target) :], 0.0)
+    assert checked == valid.sum() == 8
+
+
+def test_on_policy_batch_from_a_real_student_and_teacher():
+    from refslm import config, models
+
+    student = models.init(config.tiny_encoder_decoder(), seed=1, dtype="float64")
+    sources = [[5, 6, 7, 8, 9], [10, 11]]
+    settings_ = dict(encoder_len=4, decoder_len=6, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, tokenizer_size=300)
+    kd = align.kd_batch(student, sources, seed=11, **settings_)
+    # independent expectation: call generate the documented way and post-process by hand
+    raw = student.generate(
+        np.array([[5, 6, 7, 8], [10, 11, 0, 0]]), 6, temperature=0.9, top_k=128, seed=11, eos_token_id=EOS
+    )
+    for b in range(2):
+        row = list(raw[b])
+        target = row[: row.index(EOS) + 1] if EOS in row else row
+        target = [UNK if tok >= 300 else tok for tok in target]
+        np.testing.assert_array_equal(kd.labels[b], target + [PAD] * (6 - len(target)))
+        np.testing.assert_array_equal(kd.valid_mask[b], np.arange(6) < len(target))
+    assert kd.labels.max() < 300 and (kd.labels[kd.valid_mask] == UNK).any()  # some ids were replaced
+    again = align.kd_batch(student, sources, seed=11, **settings_)
+    np.testing.assert_array_equal(again.teacher_input_ids, kd.teacher_input_ids)
+    # the teacher logits the index map picks are those of the unpadded [source; target[:t]] prefixes
+    teacher = tiny_teacher()
+    gathered = align.gather_teacher_logits(teacher.logits(kd.teacher_input_ids), kd.index_map, kd.valid_mask)
+    for b, source in enumerate([[5, 6, 7, 8], [10, 11]]):
+        target = kd.labels[b][kd.valid_mask[b]]
+        for t in range(len(target)):
+            # UNK = PAD: a replaced token is masked but keeps its position, in the batch and here
+            expected = teacher.logits(np.array([[*source, *target[:t]]]))[0, -1]
+            np.testing.assert_allclose(gathered[b, t], expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- `refslm align`
+
+
+def run_cli(capsys, *argv):
+    from refslm import cli
+
+    status = cli.main(["align", *argv])
+    captured = capsys.readouterr()
+    return status, captured.out.splitlines(), captured.err
+
+
+def saved_tokenizers(tmp_path):
+    pytest.importorskip("tokenizers")
+    from align_tokenizers import bpe_tokenizer, wordpiece_tokenizer
+
+    bpe_tokenizer().save(str(tmp_path / "student.json"))
+    wordpiece_tokenizer().save(str(tmp_path / "teacher.json"))
+    return str(tmp_path / "student.json"), str(tmp_path / "teacher.json")
+
+
+def test_cli_shared_tokenizer_table(tmp_path, capsys):
+    student, _ = saved_tokenizers(tmp_path)
+    status, lines, _ = run_cli(
+        capsys, "--tokenizer", student, "--source", "the teacher reads", "--target", "hello world",
+        "--encoder-len", "5", "--decoder-len", "4",
+    )
+    assert status == 0
+    assert "teacher position 4 + t predicts target token t" in lines[0]
+    rows = [line.split("  ") for line in lines[3:]]
+    cells = [[c.strip() for c in row if c.strip()] for row in rows]
+    # source "▁the ▁teacher ▁reads" (3 tokens) left-padded to 5; target "▁hello ▁world" right-padded to 4
+    assert [c[0] for c in cells] == ["0", "1", "2", "3"]
+    assert cells[0][2].endswith("'▁hello'") and cells[0][3] == "4" and cells[0][4].endswith("'▁reads'")
+    assert cells[1][2].endswith("'▁world'") and cells[1][3] == "5" and cells[1][4].endswith("'▁hello'")
+    assert [c[-1] for c in cells] == ["yes", "yes", "no (padding)", "no (padding)"]
+
+
+def test_cli_cross_tokenizer_table(tmp_path, capsys):
+    student, teacher = saved_tokenizers(tmp_path)
+    status, lines, _ = run_cli(
+        capsys, "--tokenizer", student, "--teacher-tokenizer", teacher, "--source", "the teacher reads",
+        "--target", "x😀y",
+    )
+    assert status == 0
+    kinds = [line.split()[3] for line in lines[3:]]
+    positions = [line.split()[-2] for line in lines[3:]]
+    # teacher row: 5 source tokens ("▁the" "▁tea" "cher" "▁re" "ads"), then "▁" "x" "😀" "y"
+    assert "teacher row = 5 source + 4 target tokens" in lines[0]
+    assert kinds == ["1:1", "1:1", "many:1", "many:1", "many:1", "many:1", "1:1"]
+    assert positions == ["4", "5", "6", "6", "6", "6", "7"]
+
+
+def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    student, teacher = saved_tokenizers(tmp_path)
+    status, _, err = run_cli(capsys, "--tokenizer", student, "--source", "", "--target", "x")
+    assert status == 2 and "sources[0]: is empty" in err
+    status, _, err = run_cli(capsys, "--tokenizer", student, "--source", "a", "--target", "hello world",
+                             "--decoder-len", "1")
+    assert status == 2 and "more than decoder_len=1" in err
+    status, _, err = run_cli(capsys, "--tokenizer", str(tmp_path / "missing.json"), "--source", "a", "--target", "b")
+    assert status == 2 and "does not exist" in err
+    status, _, err = run_cli(capsys, "--tokenizer", student, "--teacher-tokenizer", teacher, "--source", "a",
+                             "--target", " lead")
+    assert status == 2 and "decode ' lead' differently" in err

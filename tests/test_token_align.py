@@ -1,6 +1,7 @@
 """Cross-tokenizer alignment: hand-derived alignments (offsets given by hand, then real tokenizers
 trained from tests/data), the character-coverage invariants, vocabulary pairs and bad input."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -235,6 +236,9 @@ def test_empty_text_and_missing_file():
 
 
 def test_missing_tokenizers_package_is_a_clear_error(monkeypatch):
+    code = "import sys; sys.modules['tokenizers'] = None; import refslm.token_align, refslm.align; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.strip() == "ok", done.stderr  # both modules import without tokenizers
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r"needs the optional package 'tokenizers': pip install 'refslm\[io\]'"):
         ta.load_tokenizer("any.json")
