@@ -208,11 +208,11 @@ def config_to_dict(config: Config, storage: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- tensors
 
 
-def _shard_files(directory: Path) -> dict[str, list[str]]:
-    """file name -> tensor names it must hold (one file, or the shards of model.safetensors.index.json)."""
+def _shard_files(directory: Path) -> dict[str, list[str] | None]:
+    """file name -> the tensor names the index gives it (None for a single model.safetensors)."""
     single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
     if single.exists():
-        return {WEIGHTS_FILE: []}
+        return {WEIGHTS_FILE: None}
     if not index.exists():
         raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
     try:
@@ -235,14 +235,14 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         path = directory / file
         if not path.exists():
             raise FileNotFoundError(f"{directory / INDEX_FILE} names shard {file}, which does not exist")
-        names = list(read_header(path).tensors)
-        unlisted = sorted(set(names) - set(listed)) if listed else []
-        absent = sorted(set(listed) - set(names))
-        repeated = sorted(set(names) & set(tensors))
-        for problem, items in (("holds tensors the index does not list", unlisted), ("lacks tensors the index lists",
-                               absent), ("repeats tensors of another shard", repeated)):
+        names = set(read_header(path).tensors)
+        problems = {"repeats tensors of another shard": names & set(tensors)}
+        if listed is not None:
+            problems["holds tensors the index does not list"] = names - set(listed)
+            problems["lacks tensors the index lists"] = set(listed) - names
+        for problem, items in problems.items():
             if items:
-                raise CheckpointError(f"{path}: {problem}: {items}")
+                raise CheckpointError(f"{path}: {problem}: {sorted(items)}")
         tensors.update(read_safetensors(path))
     return tensors
 
@@ -264,8 +264,11 @@ def _check_stack_depths(config: Config, tensors: dict[str, np.ndarray]) -> None:
                                   f"N = {sorted(indices)}")
 
 
-def _expected_prefix(config: Config) -> str:
-    return "model." if isinstance(config, DecoderOnlyConfig) and config.layout != "mu" else "transformer."
+def _naming(config: Config) -> tuple[str, str]:
+    """-> (prefix of every tensor name but the head, embedding name) of the config's layout."""
+    if isinstance(config, DecoderOnlyConfig) and config.layout != "mu":
+        return "model.", "model.embed_tokens.weight"
+    return "transformer.", "transformer.wte.weight"
 
 
 def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -275,15 +278,14 @@ def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str
     must then equal the embedding exactly and is dropped. Raises CheckpointError when the names
     belong to another layout or the block counts contradict the config.
     """
-    prefix = _expected_prefix(config)
+    prefix, embed_name = _naming(config)
     if tensors and not any(n.startswith(prefix) for n in tensors):
-        raise CheckpointError(f"config.json describes a {type(config).__name__}"
-                              f"{'' if isinstance(config, EncoderDecoderConfig) else f'(layout={config.layout!r})'}"
-                              f" with '{prefix}*' tensors, but the weights hold e.g. {sorted(tensors)[:3]}")
+        layout = getattr(config, "layout", "mu")
+        raise CheckpointError(f"config.json describes a {type(config).__name__} (layout {layout!r}) with "
+                              f"'{prefix}*' tensors, but the weights hold e.g. {sorted(tensors)[:3]}")
     _check_stack_depths(config, tensors)
     tied = isinstance(config, EncoderDecoderConfig) or config.tie_word_embeddings
     if tied and TIED_HEAD in tensors:
-        embed_name = prefix + ("embed_tokens.weight" if prefix == "model." else "wte.weight")
         embed = tensors.get(embed_name)
         head = tensors[TIED_HEAD]
         if embed is None or embed.shape != head.shape or not np.array_equal(embed, head):
