@@ -89,7 +89,33 @@ def fit_targets(targets: Sequence[np.ndarray], decoder_len: int, *, truncate: bo
 
 
 # --------------------------------------------------------------------------------------------------
-# the student batch
+# the paper's layout and the student batch
+
+
+@dataclass(frozen=True)
+class PaperLayout:
+    """The paper's fixed-length batches. Defaults: the Phi-3.5 tokenizer's pad 0 and BOS 1.
+
+    encoder_len: source length (student encoder input; teacher prefix, left-padded).
+    decoder_len: target length (student decoder; teacher suffix, right-padded).
+    truncate_target: keep the first decoder_len tokens of a longer target instead of raising.
+    """
+
+    encoder_len: int
+    decoder_len: int
+    pad_id: int = 0
+    bos_id: int = 1
+    truncate_target: bool = False
+
+    def __post_init__(self) -> None:
+        _check_length(self.encoder_len, "encoder_len")
+        _check_length(self.decoder_len, "decoder_len")
+
+    def fit(self, sources, targets, vocab_size: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Validated pairs with sources truncated to encoder_len and targets fitted to decoder_len."""
+        src, tgt = _paired(sources, targets, vocab_size)
+        tgt = fit_targets(tgt, self.decoder_len, truncate=self.truncate_target)
+        return truncate_sources(src, self.encoder_len), tgt
 
 
 @dataclass(frozen=True)
@@ -109,29 +135,18 @@ class StudentBatch:
 
 
 def student_batch(
-    sources: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
-    *,
-    encoder_len: int,
-    decoder_len: int,
-    pad_id: int,
-    bos_id: int,
-    vocab_size: int | None = None,
-    truncate_target: bool = False,
+    sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], layout: PaperLayout, *, vocab_size=None
 ) -> StudentBatch:
     """Student batch as the public code builds it: sources truncated to their first encoder_len
     tokens and right-padded; labels = target right-padded; decoder input = [BOS] + labels[:-1].
     """
-    src = truncate_sources(as_id_rows(sources, "sources", vocab_size=vocab_size), encoder_len)
-    tgt = fit_targets(as_id_rows(targets, "targets", vocab_size=vocab_size), decoder_len, truncate=truncate_target)
-    if len(src) != len(tgt):
-        raise ValueError(f"sources has {len(src)} rows but targets has {len(tgt)}")
-    labels = pad_rows(tgt, decoder_len, pad_id, side="right", name="targets")
+    src, tgt = layout.fit(sources, targets, vocab_size)
+    labels = pad_rows(tgt, layout.decoder_len, layout.pad_id, side="right", name="targets")
     decoder_input_ids = np.empty_like(labels)
-    decoder_input_ids[:, 0] = bos_id
+    decoder_input_ids[:, 0] = layout.bos_id
     decoder_input_ids[:, 1:] = labels[:, :-1]
     return StudentBatch(
-        encoder_input_ids=pad_rows(src, encoder_len, pad_id, side="right", name="sources"),
+        encoder_input_ids=pad_rows(src, layout.encoder_len, layout.pad_id, side="right", name="sources"),
         decoder_input_ids=decoder_input_ids,
         labels=labels,
         target_lengths=np.array([len(t) for t in tgt], dtype=np.int64),
@@ -188,31 +203,22 @@ def _teacher_batch(input_ids: np.ndarray, pad_id: int, rows, starts, src, tgt) -
 
 
 def paper_teacher_batch(
-    sources: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
-    *,
-    encoder_len: int,
-    decoder_len: int,
-    pad_id: int,
-    vocab_size: int | None = None,
-    truncate_target: bool = False,
+    sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], layout: PaperLayout, *, vocab_size=None
 ) -> TeacherBatch:
     """The public code's teacher input [B, encoder_len + decoder_len]: each source truncated to its
     first encoder_len tokens and LEFT-padded to encoder_len, then the target RIGHT-padded to decoder_len.
     Every source ends at position encoder_len, which is why the public code can use one fixed slice.
     """
-    src, tgt = _paired(sources, targets, vocab_size)
-    src = truncate_sources(src, encoder_len)
-    tgt = fit_targets(tgt, decoder_len, truncate=truncate_target)
+    src, tgt = layout.fit(sources, targets, vocab_size)
     input_ids = np.concatenate(
         [
-            pad_rows(src, encoder_len, pad_id, side="left", name="sources"),
-            pad_rows(tgt, decoder_len, pad_id, side="right", name="targets"),
+            pad_rows(src, layout.encoder_len, layout.pad_id, side="left", name="sources"),
+            pad_rows(tgt, layout.decoder_len, layout.pad_id, side="right", name="targets"),
         ],
         axis=1,
     )
-    starts = [encoder_len - len(s) for s in src]
-    return _teacher_batch(input_ids, pad_id, range(len(src)), starts, src, tgt)
+    starts = [layout.encoder_len - len(x) for x in src]
+    return _teacher_batch(input_ids, layout.pad_id, range(len(src)), starts, src, tgt)
 
 
 def right_padded_teacher_batch(
@@ -482,21 +488,12 @@ class KDBatch:
 
 
 def kd_batch_from_targets(
-    sources: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
-    *,
-    encoder_len: int,
-    decoder_len: int,
-    pad_id: int,
-    bos_id: int,
-    vocab_size: int | None = None,
-    truncate_target: bool = False,
+    sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], layout: PaperLayout, *, vocab_size=None
 ) -> KDBatch:
     """The complete paper-layout KD batch for given targets (see `kd_batch` for on-policy ones)."""
-    lengths = dict(encoder_len=encoder_len, decoder_len=decoder_len, pad_id=pad_id, vocab_size=vocab_size)
-    student = student_batch(sources, targets, bos_id=bos_id, truncate_target=truncate_target, **lengths)
-    teacher = paper_teacher_batch(sources, targets, truncate_target=truncate_target, **lengths)
-    positions, valid = index_map(teacher, decoder_len)
+    student = student_batch(sources, targets, layout, vocab_size=vocab_size)
+    teacher = paper_teacher_batch(sources, targets, layout, vocab_size=vocab_size)
+    positions, valid = index_map(teacher, layout.decoder_len)
     return KDBatch(
         encoder_input_ids=student.encoder_input_ids,
         decoder_input_ids=student.decoder_input_ids,
@@ -511,11 +508,8 @@ def kd_batch_from_targets(
 def kd_batch(
     student,
     sources: Sequence[Sequence[int]],
+    layout: PaperLayout,
     *,
-    encoder_len: int,
-    decoder_len: int,
-    pad_id: int,
-    bos_id: int,
     eos_id: int,
     unk_id: int,
     tokenizer_size: int,
@@ -527,16 +521,14 @@ def kd_batch(
     """The paper's on-policy KD batch: sample targets from `student` given the truncated, right-padded
     sources (max_new_tokens = decoder_len), then build the student and teacher inputs around them.
     """
-    src = truncate_sources(as_id_rows(sources, "sources", vocab_size=tokenizer_size), encoder_len)
-    encoder_input_ids = pad_rows(src, encoder_len, pad_id, side="right", name="sources")
+    src = truncate_sources(as_id_rows(sources, "sources", vocab_size=tokenizer_size), layout.encoder_len)
+    encoder_input_ids = pad_rows(src, layout.encoder_len, layout.pad_id, side="right", name="sources")
     targets = sample_on_policy_targets(
-        student, encoder_input_ids, max_new_tokens=decoder_len, eos_id=eos_id, unk_id=unk_id,
+        student, encoder_input_ids, max_new_tokens=layout.decoder_len, eos_id=eos_id, unk_id=unk_id,
         tokenizer_size=tokenizer_size, temperature=temperature, top_k=top_k, seed=seed,
         public_off_by_one=public_off_by_one,
     )
-    return kd_batch_from_targets(
-        src, targets, encoder_len=encoder_len, decoder_len=decoder_len, pad_id=pad_id, bos_id=bos_id
-    )
+    return kd_batch_from_targets(src, targets, layout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,11 +553,12 @@ def shared_tokenizer_table(tokenizer, source: str, target: str, *, encoder_len=N
                            bos_id=1) -> str:
     """The paper layout for one tokenizer: what each student position reads, predicts, and which teacher
     position (and the last token that position has seen) supervises it."""
-    src = [tokenizer.encode(source, add_special_tokens=False).ids]
-    tgt = [tokenizer.encode(target, add_special_tokens=False).ids]
+    src = as_id_rows([tokenizer.encode(source, add_special_tokens=False).ids], "sources")
+    tgt = as_id_rows([tokenizer.encode(target, add_special_tokens=False).ids], "targets")
     encoder_len = encoder_len or len(src[0])
     decoder_len = decoder_len or len(tgt[0])
-    kd = kd_batch_from_targets(src, tgt, encoder_len=encoder_len, decoder_len=decoder_len, pad_id=pad_id, bos_id=bos_id)
+    layout = PaperLayout(encoder_len, decoder_len, pad_id=pad_id, bos_id=bos_id)
+    kd = kd_batch_from_targets(src, tgt, layout)
     rows = []
     for t in range(decoder_len):
         position = int(kd.index_map[0, t])

@@ -18,7 +18,7 @@ def test_paper_batch_every_id():
     # encoder_len 4, decoder_len 3; the second source (5 tokens) loses its LAST token to truncation.
     sources = [[5, 6], [7, 8, 9, 10, 11]]
     targets = [[20, EOS], [21, 22, EOS]]
-    kd = align.kd_batch_from_targets(sources, targets, encoder_len=4, decoder_len=3, pad_id=PAD, bos_id=BOS)
+    kd = align.kd_batch_from_targets(sources, targets, align.PaperLayout(4, 3, pad_id=PAD, bos_id=BOS))
     np.testing.assert_array_equal(kd.encoder_input_ids, [[5, 6, 0, 0], [7, 8, 9, 10]])
     np.testing.assert_array_equal(kd.labels, [[20, 2, 0], [21, 22, 2]])
     np.testing.assert_array_equal(kd.decoder_input_ids, [[1, 20, 2], [1, 21, 22]])
@@ -33,7 +33,7 @@ def test_paper_batch_every_id():
 
 
 def test_paper_teacher_batch_segments_and_source_ends():
-    teacher = align.paper_teacher_batch([[5, 6], [7, 8, 9]], [[20], [21, 22]], encoder_len=3, decoder_len=2, pad_id=PAD)
+    teacher = align.paper_teacher_batch([[5, 6], [7, 8, 9]], [[20], [21, 22]], align.PaperLayout(3, 2, pad_id=PAD))
     np.testing.assert_array_equal(teacher.input_ids, [[0, 5, 6, 20, 0], [7, 8, 9, 21, 22]])
     np.testing.assert_array_equal(teacher.segment_ids, [[0, 1, 1, 1, 0], [2, 2, 2, 2, 2]])
     np.testing.assert_array_equal(teacher.source_ends, [3, 3])
@@ -44,7 +44,7 @@ def test_paper_teacher_batch_segments_and_source_ends():
 def test_public_fixed_slice_is_the_special_case():
     enc, dec, vocab = 5, 4, 7
     teacher = align.paper_teacher_batch(
-        [[3], [4, 5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14, 15]], encoder_len=enc, decoder_len=dec, pad_id=PAD
+        [[3], [4, 5, 6, 7, 8, 9]], [[10, 11], [12, 13, 14, 15]], align.PaperLayout(enc, dec, pad_id=PAD)
     )
     positions, valid = align.index_map(teacher, dec)
     np.testing.assert_array_equal(positions, np.broadcast_to(enc - 1 + np.arange(dec), (2, dec)))
@@ -133,7 +133,7 @@ def test_aligned_logit_has_seen_exactly_source_and_target_prefix(pairs, layout, 
     sources, targets = [p[0] for p in pairs], [p[1] for p in pairs]
     dec = max(len(t) for t in targets) + extra
     if layout == "paper":
-        teacher = align.paper_teacher_batch(sources, targets, encoder_len=enc, decoder_len=dec, pad_id=PAD)
+        teacher = align.paper_teacher_batch(sources, targets, align.PaperLayout(enc, dec, pad_id=PAD))
         sources = [s[:enc] for s in sources]  # truncation keeps the first encoder_len tokens
     elif layout == "right_padded":
         teacher = align.right_padded_teacher_batch(sources, targets, pad_id=PAD)
@@ -200,7 +200,7 @@ def test_on_policy_kd_batch_eos_unk_and_sampling_settings():
     # emitting EOS); row 1 never emits EOS and samples ids 50 and 57, which become UNK (= PAD = 0).
     student = ScriptedStudent([[30, EOS, EOS, EOS], [50, 31, 57, 32]])
     kd = align.kd_batch(
-        student, [[5, 6, 7], [8]], encoder_len=2, decoder_len=4, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK,
+        student, [[5, 6, 7], [8]], align.PaperLayout(2, 4, pad_id=PAD, bos_id=BOS), eos_id=EOS, unk_id=UNK,
         tokenizer_size=50, seed=7,
     )
     (input_ids, max_new, kwargs), = student.calls
@@ -248,13 +248,13 @@ def test_generate_with_wrong_shape_is_an_error():
 def test_bad_input_is_a_clear_error(sources, targets, message):
     with pytest.raises(ValueError, match=message):
         align.kd_batch_from_targets(
-            sources, targets, encoder_len=2, decoder_len=3, pad_id=PAD, bos_id=BOS, vocab_size=50
+            sources, targets, align.PaperLayout(2, 3, pad_id=PAD, bos_id=BOS), vocab_size=50
         )
 
 
 def test_truncate_target_keeps_the_first_tokens():
     kd = align.kd_batch_from_targets(
-        [[3]], [[4, 5, 6, 7]], encoder_len=2, decoder_len=3, pad_id=PAD, bos_id=BOS, truncate_target=True
+        [[3]], [[4, 5, 6, 7]], align.PaperLayout(2, 3, pad_id=PAD, bos_id=BOS, truncate_target=True)
     )
     np.testing.assert_array_equal(kd.labels, [[4, 5, 6]])
     np.testing.assert_array_equal(kd.decoder_input_ids, [[1, 4, 5]])
@@ -290,7 +290,7 @@ def test_real_teacher_gathered_logits_equal_unpadded_prefix_runs(layout):
     targets = [rng.integers(3, 512, size=n) for n in (3, 1, 4)]
     enc, dec = 4, 5  # the second source is truncated to its first 4 tokens
     if layout == "paper":
-        batch = align.paper_teacher_batch(sources, targets, encoder_len=enc, decoder_len=dec, pad_id=PAD)
+        batch = align.paper_teacher_batch(sources, targets, align.PaperLayout(enc, dec, pad_id=PAD))
         sources = [s[:enc] for s in sources]
     else:
         batch = align.right_padded_teacher_batch(sources, targets, pad_id=PAD)
@@ -312,8 +312,9 @@ def test_on_policy_batch_from_a_real_student_and_teacher():
 
     student = models.init(config.tiny_encoder_decoder(), seed=1, dtype="float64")
     sources = [[5, 6, 7, 8, 9], [10, 11]]
-    settings_ = dict(encoder_len=4, decoder_len=6, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, tokenizer_size=300)
-    kd = align.kd_batch(student, sources, seed=11, **settings_)
+    layout = align.PaperLayout(4, 6, pad_id=PAD, bos_id=BOS)
+    settings_ = dict(eos_id=EOS, unk_id=UNK, tokenizer_size=300)
+    kd = align.kd_batch(student, sources, layout, seed=11, **settings_)
     # independent expectation: call generate the documented way and post-process by hand
     raw = student.generate(
         np.array([[5, 6, 7, 8], [10, 11, 0, 0]]), 6, temperature=0.9, top_k=128, seed=11, eos_token_id=EOS
@@ -325,7 +326,7 @@ def test_on_policy_batch_from_a_real_student_and_teacher():
         np.testing.assert_array_equal(kd.labels[b], target + [PAD] * (6 - len(target)))
         np.testing.assert_array_equal(kd.valid_mask[b], np.arange(6) < len(target))
     assert kd.labels.max() < 300 and (kd.labels[kd.valid_mask] == UNK).any()  # some ids were replaced
-    again = align.kd_batch(student, sources, seed=11, **settings_)
+    again = align.kd_batch(student, sources, layout, seed=11, **settings_)
     np.testing.assert_array_equal(again.teacher_input_ids, kd.teacher_input_ids)
     # the teacher logits the index map picks are those of the unpadded [source; target[:t]] prefixes
     teacher = tiny_teacher()
