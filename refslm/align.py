@@ -417,7 +417,9 @@ def cut_after_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
     return ids if hits.size == 0 else ids[: hits[0] + 1]
 
 
-def replace_out_of_vocab(ids: np.ndarray, tokenizer_size: int, unk_id: int, *, public_off_by_one: bool = False):
+def replace_out_of_vocab(
+    ids: np.ndarray, tokenizer_size: int, unk_id: int, *, public_off_by_one: bool = False
+) -> np.ndarray:
     """Ids >= tokenizer_size (the student vocabulary may be larger than the tokenizer) -> unk_id.
 
     public_off_by_one=True reproduces the public code's `ids > len(tokenizer)`, which keeps the one
