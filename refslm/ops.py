@@ -41,8 +41,17 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, unit_offset: bool = F
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """[...] -> [...]: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + np.tanh(x.dtype.type(GELU_TANH_C) * (x + x.dtype.type(0.044715) * x**3)))
+    """[...] -> [...]: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), evaluated in that order, in place."""
+    y = x * x
+    y *= x
+    y *= x.dtype.type(0.044715)
+    y += x
+    y *= x.dtype.type(GELU_TANH_C)
+    np.tanh(y, out=y)
+    y += 1
+    y *= x
+    y *= 0.5
+    return y
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -85,8 +94,10 @@ def gated(gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """[...] -> [...]: exp(x - max) / sum exp(x - max). Rows of all -inf give NaN (undefined)."""
     m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = x - m
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -237,7 +248,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarr
     if allowed is not None:
         fill = np.finfo(q.dtype).min if mask_fill == "finite_min" else -np.inf
         scores = np.where(allowed, scores, q.dtype.type(fill))
-    scores = scores / q.dtype.type(math.sqrt(d))
+    scores /= q.dtype.type(math.sqrt(d))  # scores is a fresh array: scale it in place
     if mask_fill == "-inf" and allowed is not None:
         empty = ~np.any(allowed, axis=-1, keepdims=True)
         scores = np.where(empty, q.dtype.type(0), scores)
