@@ -102,11 +102,12 @@ class _AttentionFields:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, ignore_unknown: bool = True):
         """Build from a dict; unknown keys (e.g. training-only `dropout`) are ignored unless asked."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown and not ignore_unknown:
             raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        settable = {f.name for f in fields if f.init}  # `kind` is derived, not set
+        return cls(**{k: v for k, v in data.items() if k in settable})
 
 
 @dataclass
