@@ -115,12 +115,3 @@ def test_attention_causal_with_offset():
     out = ops.attention(q, k, v, causal=True, q_start=1)
     np.testing.assert_allclose(out.ravel(), [1.5], rtol=1e-15)
 
-
-def test_config_dict_round_trip_and_unknown_fields():
-    from refslm.config import ConfigError, EncoderDecoderConfig, tiny_encoder_decoder
-
-    cfg = tiny_encoder_decoder()
-    assert EncoderDecoderConfig.from_dict(cfg.to_dict(), ignore_unknown=False) == cfg
-    assert EncoderDecoderConfig.from_dict({**cfg.to_dict(), "dropout": 0.1}) == cfg
-    with pytest.raises(ConfigError, match="dropout"):
-        EncoderDecoderConfig.from_dict({**cfg.to_dict(), "dropout": 0.1}, ignore_unknown=False)
