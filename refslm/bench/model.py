@@ -1,0 +1,125 @@
+"""`refslm bench model`: first-token latency and KV-cached decode tokens/s of one model, per backend.
+
+    refslm bench model --preset paper-330m --input-len 1024 --new-tokens 32 --backend numpy --dtype float32
+
+First token = everything up to the logits of the first new token (`refslm.generate.CachedDecoder`
+construction: encoder + cross-attention K/V + decoder on BOS, or the decoder-only prefill). Decode =
+`new_tokens` cached steps (greedy feed). Both are medians of `--repeat` runs after one warm-up run.
+Each backend is reported against the machine ceilings of ../shared/reference/anchors.md (compute:
+`--gflops` GFLOP/s of float32 GEMM on this machine class for the prefill FLOPs of refslm.flops;
+bandwidth: `--bandwidth` GB/s for the weights and caches one decode step reads) and against the first
+backend of the run. The load average is printed, since other work on the machine slows every figure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .. import flops
+from ..config import PRESETS
+from . import time_call
+
+GEMM_GFLOPS = 185.0  # anchors.md: float32 GEMM through OpenBLAS, 2 cores, 180-190 GFLOP/s
+BANDWIDTH_GBS = (25.0, 36.0)  # anchors.md: streaming read / large GEMV
+
+
+def bytes_per_step(cfg, model_dtype: str, input_len: int, batch: int) -> int:
+    """Bytes one decode step must read: weights used per token (linear FLOPs / 2 / batch) + its KV caches."""
+    step = flops.decode_step_flops(cfg, input_len, 1, batch)
+    weights = (step.projections + step.mlp + step.head) // (2 * batch)
+    caches = flops.kv_cache_bytes(cfg, input_len, 2, model_dtype, batch)["total"]
+    return weights * np.dtype(model_dtype).itemsize + caches
+
+
+def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, float]:
+    """-> {'first_token_s', 'decode_s' (new_tokens steps), 'decode_tok_s'} for one model on its backend."""
+    from ..generate import CachedDecoder
+
+    first = time_call(lambda: CachedDecoder(model, ids, new_tokens), repeat=repeat, warmup=1)["median_s"]
+    decoder = CachedDecoder(model, ids, new_tokens * (repeat + 1))
+    token = np.full(ids.shape[0], 5, dtype=np.int64)
+
+    def decode() -> None:
+        for _ in range(new_tokens):
+            decoder.step(token)
+
+    decode_s = time_call(decode, repeat=repeat, warmup=1)["median_s"]
+    return {"first_token_s": first, "decode_s": decode_s, "decode_tok_s": ids.shape[0] * new_tokens / decode_s}
+
+
+def format_table(rows: list[dict], ceilings: dict) -> str:
+    """A plain-text table: one row per backend, with fractions of the ceilings and ratios to the first row."""
+    head = (f"{'backend':<8} {'first token s':>13} {'GFLOP/s':>8} {'of ceiling':>10} {'decode tok/s':>12} "
+            f"{'of ceiling':>10} {'first vs ' + rows[0]['backend']:>15} {'decode vs ' + rows[0]['backend']:>16}")
+    lines = [head, "-" * len(head)]
+    base = rows[0]
+    for r in rows:
+        gflops = ceilings["prefill_flops"] / r["first_token_s"] / 1e9
+        lines.append(
+            f"{r['backend']:<8} {r['first_token_s']:>13.3f} {gflops:>8.1f} "
+            f"{ceilings['first_token_s'] / r['first_token_s']:>10.2f} {r['decode_tok_s']:>12.1f} "
+            f"{r['decode_tok_s'] / ceilings['decode_tok_s'][1]:>10.2f} "
+            f"{base['first_token_s'] / r['first_token_s']:>14.2f}x {r['decode_tok_s'] / base['decode_tok_s']:>15.2f}x")
+    low, high = ceilings["decode_tok_s"]
+    lines.append(f"ceilings: first token >= {ceilings['first_token_s']:.2f} s ({ceilings['prefill_flops'] / 1e9:.0f} "
+                 f"GFLOP at {ceilings['gflops']:.0f} GFLOP/s); decode <= {low:.0f}-{high:.0f} tok/s "
+                 f"({ceilings['step_bytes'] / 1e9:.3f} GB per step at {ceilings['bandwidth'][0]:.0f}-"
+                 f"{ceilings['bandwidth'][1]:.0f} GB/s). 'of ceiling' = measured / ceiling speed "
+                 f"(decode against the {high:.0f} tok/s bound).")
+    return "\n".join(lines)
+
+
+def arguments(parser) -> None:
+    """Options of `refslm bench model`."""
+    parser.add_argument("--preset", default="paper-330m", choices=sorted(PRESETS), help="model configuration")
+    parser.add_argument("--input-len", type=int, default=1024, help="encoder input / prompt length")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--backend", action="append", help="backend (repeatable; default: every installed one)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs (median reported) after one warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gflops", type=float, default=GEMM_GFLOPS, help="compute ceiling, GFLOP/s")
+    parser.add_argument("--bandwidth", type=float, nargs=2, default=BANDWIDTH_GBS, metavar=("LOW", "HIGH"),
+                        help="memory bandwidth ceiling range, GB/s")
+
+
+def run(args) -> int:
+    """Build the model once (random weights from --seed), time every backend, print the table."""
+    from ..backends import BackendUnavailable, available_backends
+    from ..models import from_params, init
+
+    for option in ("input_len", "new_tokens", "batch", "repeat"):
+        if getattr(args, option) < 1:
+            raise SystemExit(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    cfg = PRESETS[args.preset]()
+    backends = args.backend or available_backends()
+    print(f"refslm bench model: {args.preset}, input {args.input_len}, {args.new_tokens} new tokens, batch "
+          f"{args.batch}, {args.dtype}, backends {backends}, median of {args.repeat}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    t0 = time.perf_counter()
+    host = init(cfg, seed=args.seed, dtype=args.dtype)
+    print(f"random weights built in {time.perf_counter() - t0:.1f} s")
+    ids = np.random.default_rng(args.seed).integers(3, cfg.vocab_size, size=(args.batch, args.input_len))
+    rows = []
+    for name in backends:
+        try:
+            model = host if name == "numpy" else from_params(cfg, host.params, dtype=args.dtype, backend=name)
+        except (BackendUnavailable, TypeError) as exc:
+            print(f"skipping backend {name}: {exc}")
+            continue
+        rows.append({"backend": name, **measure(model, ids, args.new_tokens, args.repeat)})
+    if not rows:
+        print("no backend could run")
+        return 1
+    prefill = flops.prefill_flops(cfg, args.input_len, args.batch).total
+    step_bytes = bytes_per_step(cfg, args.dtype, args.input_len, args.batch)
+    ceilings = {"prefill_flops": prefill, "gflops": args.gflops, "first_token_s": prefill / (args.gflops * 1e9),
+                "step_bytes": step_bytes, "bandwidth": args.bandwidth,
+                "decode_tok_s": tuple(args.batch * bw * 1e9 / step_bytes for bw in args.bandwidth)}
+    print(format_table(rows, ceilings))
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
