@@ -21,4 +21,20 @@ q = rng.standard_normal((1, 4, 5, 8))
 kv = rng.standard_normal((1, 2, 5, 8))
 out = ops.attention(q, kv, kv, causal=True)
 assert out.shape == (1, 4, 5, 8) and np.isfinite(out).all()
+
+from refslm import generate, models  # noqa: E402
+from refslm.config import tiny_decoder_only, tiny_encoder_decoder  # noqa: E402
+
+ed = refslm.init(tiny_encoder_decoder(), seed=0, dtype="float64")
+enc = np.array([[1, 5, 6, 7, 0], [1, 8, 9, 10, 11]])
+dec = np.array([[1, 20, 21], [1, 30, 31]])
+assert ed.logits(enc, dec).shape == (2, 3, 512)
+do = models.init(tiny_decoder_only(layout="llama"), seed=0, dtype="float64")
+assert do.logits(dec).shape == (2, 3, 512)
+new = ed.generate(enc, 4, seed=1, top_k=50)
+assert new.shape == (2, 4) and new.dtype == np.int64
+decoder = generate.CachedDecoder(ed, enc, 4)
+decoder.step(new[:, 0])
+full = ed.logits(enc, np.concatenate([np.ones((2, 1), np.int64), new[:, :1]], axis=1))[:, -1]
+assert np.abs(decoder.logits - full).max() < 1e-12 * np.abs(full).max(), "cached logits differ from recomputed"
 print("numpy-only install OK:", refslm.__file__, file=sys.stderr)
