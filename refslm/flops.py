@@ -253,3 +253,29 @@ def kv_cache_bytes(cfg: Config, input_len: int, new_tokens: int, dtype: str = "f
         self_bytes = cfg.n_layer * (input_len + new_tokens - 1) * per_position
         cross_bytes = 0
     return {"self": self_bytes, "cross": cross_bytes, "total": self_bytes + cross_bytes}
+
+
+# ---------------------------------------------------------------- bytes read per decode step
+
+
+def decode_step_bytes(cfg: Config, input_len: int, step: int, dtype: str = "float32", batch: int = 1) -> int:
+    """Bytes a decode step must read at least: the weights it uses once, plus the cached keys/values.
+
+    At batch 1 a decode step is a chain of matrix-vector products, so its time is bounded below by
+    these bytes / memory bandwidth. Encoder-decoder: the decoder blocks without their cross-attention
+    K/V projections (applied once to the encoder output), ln_f and the tied head; cache reads: step+1
+    self positions and input_len cross positions per decoder block. Decoder-only: every parameter
+    (the embedding once, as the head), and input_len + step positions per block.
+    """
+    _check_lengths(input_len, batch)
+    itemsize = np.dtype(dtype).itemsize
+    per_position = 2 * batch * cfg.n_kv_head * cfg.resolved_head_dim * itemsize
+    if isinstance(cfg, EncoderDecoderConfig):
+        c, _, kv, _ = _widths(cfg)
+        block = 2 * _attention_params(cfg) + _mlp_params(cfg) + 3 * c - 2 * (kv * c + kv)
+        weights = cfg.n_decoder_layer * block + c + cfg.vocab_size * c
+        cache = cfg.n_decoder_layer * (step + 1 + input_len) * per_position
+    else:
+        weights = param_counts(cfg)["total"]
+        cache = cfg.n_layer * (input_len + step) * per_position
+    return weights * itemsize + cache

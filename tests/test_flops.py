@@ -64,6 +64,17 @@ def test_kv_cache_bytes_by_hand():
     assert flops.kv_cache_bytes(HAND_DO, 3, 4, dtype="float64", batch=3)["total"] == 192 * 2 * 3
 
 
+def test_decode_step_bytes_by_hand():
+    # float32. ED decoder block without the cross K/V projections: self attention 8*(4+2+2+4) weights + 16 biases
+    # = 112; cross q 8*4+4 = 36 and out 4*8+8 = 40; MLP 2*8*16+16+8 = 280; three norms 24 -> 492 parameters;
+    # + ln_f 8 + tied head 32*8 = 256 -> 756 * 4 bytes. Step 1, L = 3: 2 self + 3 cross positions of
+    # (k, v) * 1 head * D 2 * 4 bytes = 16 each.
+    assert flops.decode_step_bytes(HAND_ED, 3, 1) == 756 * 4 + 5 * 16
+    # DO: every parameter (2 blocks of 112 + 280 + 16, final norm 8, embedding 256: 1080), 3 + 1 positions per block.
+    assert flops.param_counts(HAND_DO)["total"] == 1080
+    assert flops.decode_step_bytes(HAND_DO, 3, 1) == 1080 * 4 + 2 * 4 * 16
+
+
 def _component_of_name(name: str) -> str:
     if "wte" in name or "embed_tokens" in name:
         return "embedding"

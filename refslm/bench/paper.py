@@ -96,8 +96,12 @@ def _memory_and_flops(model: Any, ids: np.ndarray, new_tokens: int) -> dict[str,
     peak = peak_extra_bytes(lambda: counted.generate(ids, new_tokens, greedy=True))
     analytic = flops.generation_flops(cfg, ids.shape[1], new_tokens, ids.shape[0])
     weight_bytes = flops.param_counts(cfg)["total"] * np.dtype(model.dtype).itemsize
-    kv = flops.kv_cache_bytes(cfg, ids.shape[1], new_tokens, model.dtype, ids.shape[0])
+    batch, length = ids.shape
+    kv = flops.kv_cache_bytes(cfg, length, new_tokens, model.dtype, batch)
+    decode_bytes = sum(flops.decode_step_bytes(cfg, length, n, model.dtype, batch) for n in range(1, new_tokens))
     return {"peak_extra_bytes": peak, "memory_bytes": weight_bytes + peak, "kv_cache_bytes": kv["total"],
+            "weights_kv_bytes": weight_bytes + kv["total"], "decode_bytes": decode_bytes,
+            "prefill_flops": flops.prefill_flops(cfg, length, batch).total,
             "flops": analytic.total, "flops_counted": counter.flops.total,
             "flops_by_component": analytic.as_dict(), "flops_counted_by_component": counter.flops.as_dict()}
 
@@ -110,25 +114,30 @@ def _warm_up(model: Any) -> None:
 def measure(sizes: list[str], lengths: list[int], new_tokens: int, repeat: int, backends: list[str],
             dtype: str = "float32", batch: int = 1, seed: int = 0, log=print) -> dict[str, Any]:
     """Run the sweep; -> {'meta': ..., 'rows': [one dict per size x backend x length]}."""
-    rows, size_meta = [], {}
+    rows, size_meta, skipped = [], {}, {}
     for size in sizes:
         configs = {"ed": SIZES[size]()}
         configs["do"] = matched_decoder_only(configs["ed"])
         size_meta[size] = {kind: {"config": cfg.to_dict(), "params": flops.param_counts(cfg)}
                            for kind, cfg in configs.items()}
-        rows += _measure_size(size, configs, lengths, new_tokens, repeat, backends, dtype, batch, seed, log)
+        rows += _measure_size(size, configs, lengths, new_tokens, repeat, backends, dtype, batch, seed, log, skipped)
     meta = {"argv": sys.argv[1:], "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "backends": backends, "dtype": dtype,
             "batch": batch, "repeat": repeat, "new_tokens": new_tokens, "lengths": lengths, "sizes": size_meta,
-            "paper": PAPER,
+            "paper": PAPER, "skipped_backends": skipped,
             "memory_note": "peak_extra_bytes: tracemalloc peak of one generate on the NumPy backend; "
                            "memory_bytes = weights + peak_extra_bytes"}
     return {"meta": meta, "rows": rows}
 
 
 def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_tokens: int, repeat: int,
-                  backends: list[str], dtype: str, batch: int, seed: int, log) -> list[dict[str, Any]]:
-    """Memory and FLOPs once per length (NumPy), then the timings per backend and length."""
+                  backends: list[str], dtype: str, batch: int, seed: int, log,
+                  skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """Memory and FLOPs once per length (NumPy), then the timings per backend and length.
+
+    A backend that fails to build or warm up (BackendUnavailable) is left out and noted in skipped.
+    """
+    from ..backends import BackendUnavailable
     from ..models import from_params, init
 
     host = {kind: init(cfg, seed=seed, dtype=dtype) for kind, cfg in configs.items()}
@@ -137,9 +146,15 @@ def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_to
               for length in lengths}
     rows = []
     for backend in backends:
-        models = {kind: from_params(configs[kind], host[kind].params, dtype=dtype, backend=backend) for kind in configs}
-        for model in models.values():
-            _warm_up(model)
+        try:
+            models = {kind: from_params(configs[kind], host[kind].params, dtype=dtype, backend=backend)
+                      for kind in configs}
+            for model in models.values():
+                _warm_up(model)
+        except BackendUnavailable as exc:
+            skipped[backend] = str(exc).splitlines()[0]
+            log(f"  skipped backend {backend}: {skipped[backend]}")
+            continue
         for length in lengths:
             result = {kind: {**_time_generation(models[kind], inputs[length], new_tokens, repeat),
                              **static[length][kind]} for kind in configs}
@@ -152,9 +167,15 @@ def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_to
 
 
 METRICS = ("first_token_s", "e2e_s", "throughput_tok_s", "peak_extra_bytes", "memory_bytes", "kv_cache_bytes",
-           "flops", "flops_counted")
+           "weights_kv_bytes", "prefill_flops", "decode_bytes", "flops", "flops_counted")
 RATIOS = {"first_token": "first_token_s", "throughput": "throughput_tok_s", "e2e": "e2e_s",
-          "memory": "memory_bytes", "peak_extra": "peak_extra_bytes", "kv_cache": "kv_cache_bytes", "flops": "flops"}
+          "memory": "memory_bytes", "peak_extra": "peak_extra_bytes", "kv_cache": "kv_cache_bytes",
+          "weights_kv": "weights_kv_bytes", "prefill_flops": "prefill_flops", "decode_bytes": "decode_bytes",
+          "flops": "flops"}
+# What each claim's ratio would be on an ideal machine, from the analytic counts of the same row:
+# compute-bound prefill, memory-bandwidth-bound decode (DO bytes / ED bytes), weights + KV cache, FLOPs.
+ANALYTIC = {"first_token": lambda r: r["prefill_flops_ratio"], "throughput": lambda r: 1.0 / r["decode_bytes_ratio"],
+            "memory": lambda r: r["weights_kv_ratio"], "flops": lambda r: r["flops_ratio"]}
 
 
 def _row(size: str, backend: str, length: int, new_tokens: int, batch: int, result: dict) -> dict[str, Any]:
@@ -192,13 +213,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['memory_bytes_ed'] / 2**20:7.1f} / {r['memory_bytes_do'] / 2**20:7.1f} ({r['memory_ratio']:.3f})   "
             f"{r['kv_cache_bytes_ed'] / 2**20:6.2f} / {r['kv_cache_bytes_do'] / 2**20:6.2f}   "
             f"{r['flops_ed'] / 1e9:7.2f} / {r['flops_do'] / 1e9:7.2f} ({r['flops_ratio']:.3f})")
-    lines += ["", "claim (ED/DO)          paper        measured (min-max over lengths)"]
+    lines += ["", "claim (ED/DO)     paper   measured (over lengths)   analytic bound   size, backend"]
     for size, backend in dict.fromkeys((r["size"], r["backend"]) for r in rows):
         subset = [r for r in rows if r["size"] == size and r["backend"] == backend]
         for name, (value, text) in PAPER.items():
-            ratios = [r[f"{name}_ratio"] for r in subset]
-            lines.append(f"{name:<12} {_fmt_paper(value):>10}   {min(ratios):.3f}-{max(ratios):.3f}"
-                         f"   [{size}, {backend}]  {text}")
+            measured = [r[f"{name}_ratio"] for r in subset]
+            bound = [ANALYTIC[name](r) for r in subset]
+            lines.append(f"{name:<12} {_fmt_paper(value):>10}   {min(measured):6.3f} - {max(measured):6.3f}"
+                         f"        {min(bound):6.3f} - {max(bound):6.3f}   {size}, {backend}  ({text})")
     return "\n".join(lines)
 
 
@@ -272,10 +294,10 @@ def run(args) -> int:
 
     defaults = QUICK if args.quick else FULL
     settings = {name: getattr(args, name) or defaults[name] for name in ("sizes", "lengths", "new_tokens", "repeat")}
-    for option, values in (("--lengths", settings["lengths"]), ("--new-tokens", [settings["new_tokens"]]),
-                           ("--repeat", [settings["repeat"]]), ("--batch", [args.batch])):
-        if min(values) < 1:
-            raise SystemExit(f"{option} must be >= 1, got {values}")
+    for option, values, least in (("--lengths", settings["lengths"], 1), ("--new-tokens", [settings["new_tokens"]], 2),
+                                  ("--repeat", [settings["repeat"]], 1), ("--batch", [args.batch], 1)):
+        if min(values) < least:
+            raise SystemExit(f"{option} must be >= {least}, got {values}")
     backends = args.backend or available_backends()
     print(f"refslm bench paper: sizes {settings['sizes']}, lengths {settings['lengths']}, "
           f"{settings['new_tokens']} new tokens, median of {settings['repeat']}, backends {backends}")
