@@ -7,11 +7,15 @@ Face transformers' own LlamaForCausalLM / Phi3ForCausalLM. This file never impor
 
     python golden/generate.py            # regenerate everything (byte-identical on a rerun)
 
-Tolerances (SPEC.md section 8): each case is computed a second time by the same torch code with its
-float inputs rounded to float32 and all math in float32. The measured normwise float32 error
-e = max|y32 - y64| / max|y64| sets r32 = ladder(SAFETY * e) (never below FLOOR32); float64 gets the
-same conditioning scaled by eps64/eps32 (never below FLOOR64). Each output passes when every element
-satisfies |got - expected| <= atol + rtol * |expected| with rtol = r and atol = r * max|expected|.
+Tolerances (SPEC.md section 8), measured per output, normwise (e = max|y' - y| / max|y|):
+  e_run:  the same torch code run in float32 (inputs rounded to float32, all math in float32);
+  e_cond: the float64 computation on inputs perturbed by relative errors of +-2^-24 (the float32 unit
+          roundoff) with random signs, worst of PERTURBATIONS draws (the conditioning: what any
+          backward-stable float32 algorithm may lose, however accurate torch happens to be on these
+          exactly representable inputs).
+r32 = ladder(SAFETY * max(e_run, e_cond)), never below FLOOR32; r64 = the same scaled by eps64/eps32,
+never below FLOOR64. Each output passes when every element satisfies
+|got - expected| <= atol + rtol * |expected| with rtol = r and atol = r * max|expected|.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ EPS64 = float(torch.finfo(torch.float64).eps)
 SAFETY = 4.0
 FLOOR32 = 1e-6
 FLOOR64 = 1e-12
+PERTURBATIONS = 3
 
 Tensors = dict[str, torch.Tensor]
 
@@ -182,24 +187,45 @@ def ladder_up(x: float) -> float:
     raise AssertionError(x)
 
 
-def measured_tolerances(expected: torch.Tensor, approx32: torch.Tensor) -> dict:
-    """{'float64': {'rtol', 'atol'}, 'float32': {...}} from the measured float32 error (module docstring)."""
-    if not expected.is_floating_point():
-        return {"exact": True}
+def normwise_error(expected: torch.Tensor, approx: torch.Tensor) -> float:
+    """max|approx - expected| / max|expected| over the finite entries; infinities must agree exactly."""
     finite = torch.isfinite(expected)
-    assert torch.equal(finite, torch.isfinite(approx32)), "float32 torch run changed which outputs are finite"
-    assert torch.equal(expected[~finite], approx32.to(F64)[~finite]), "float32 torch run changed infinities"
+    assert torch.equal(finite, torch.isfinite(approx)), "a perturbed or float32 run changed which outputs are finite"
+    assert torch.equal(expected[~finite], approx.to(F64)[~finite]), "a perturbed or float32 run changed infinities"
     values = expected[finite]
-    scale = float(values.abs().max()) if values.numel() else 0.0
-    if scale == 0.0:
-        scale = 1.0
-    err = float((approx32.to(F64)[finite] - values).abs().max()) / scale if values.numel() else 0.0
+    if not values.numel():
+        return 0.0
+    scale = float(values.abs().max()) or 1.0
+    return float((approx.to(F64)[finite] - values).abs().max()) / scale
+
+
+def measured_tolerances(expected: torch.Tensor, approx32: torch.Tensor, perturbed: list[torch.Tensor]) -> dict:
+    """{'float64': {'rtol', 'atol'}, 'float32': {...}, measured errors} (module docstring)."""
+    if not expected.is_floating_point():
+        assert torch.equal(expected, approx32), "the float32 run changed an exact (integer) output"
+        return {"exact": True}
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    e_run = normwise_error(expected, approx32)
+    e_cond = max(normwise_error(expected, p) for p in perturbed)
     tolerances = {}
     for dtype, floor, factor in (("float64", FLOOR64, EPS64 / EPS32), ("float32", FLOOR32, 1.0)):
-        r = max(floor, ladder_up(SAFETY * err * factor))
-        tolerances[dtype] = {"rtol": r, "atol": ladder_up(r * scale)}
-    tolerances["measured_float32_normwise_error"] = float(f"{err:.3g}")
+        r = max(floor, ladder_up(SAFETY * max(e_run, e_cond) * factor))
+        tolerances[dtype] = {"rtol": r, "atol": ladder_up(r * (scale or 1.0))}
+    tolerances["measured"] = {"float32_run": float(f"{e_run:.3g}"), "input_rounding": float(f"{e_cond:.3g}")}
     return tolerances
+
+
+def perturb(tensors: Tensors, seed: str) -> Tensors:
+    """Float tensors times (1 + d), d = +-2^-24 with independent random signs per element."""
+    g = generator(seed)
+    out = {}
+    for key, value in tensors.items():
+        if value.is_floating_point():
+            d = (torch.randint(0, 2, value.shape, generator=g, dtype=F64) * 2 - 1) * 2.0 ** -24
+            value = torch.where(torch.isfinite(value), value * (1 + d), value)
+        out[key] = value
+    return out
 
 
 def to_dtype(tensors: Tensors, dtype: torch.dtype) -> Tensors:
@@ -213,6 +239,7 @@ def build(case: Case) -> tuple[dict, Tensors]:
         assert value.dtype in (F64, torch.int64), (name, value.dtype)
     expected = case.compute(to_dtype(case.inputs, F64))
     approx32 = case.compute(to_dtype(case.inputs, torch.float32))
+    perturbed = [case.compute(perturb(case.inputs, f"perturb/{case.name}/{i}")) for i in range(PERTURBATIONS)]
     tensors = dict(case.inputs)
     tolerances = {}
     for name, value in expected.items():
@@ -221,7 +248,7 @@ def build(case: Case) -> tuple[dict, Tensors]:
         assert value.dtype in (F64, torch.int64), (name, value.dtype)
         assert not torch.isnan(value).any(), f"{case.name}: NaN in {name}"
         tensors[name] = value
-        tolerances[name] = measured_tolerances(value, approx32[name].detach())
+        tolerances[name] = measured_tolerances(value, approx32[name].detach(), [p[name].detach() for p in perturbed])
     entry = {
         "name": case.name,
         "kind": case.kind,
@@ -579,14 +606,413 @@ def mu_model_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------ Llama and Phi-3 by Hugging Face transformers
+
+def hf_float64_patches():
+    """Make transformers' Llama / Phi-3 compute in the model dtype throughout (SPEC.md section 8).
+
+    transformers deliberately computes three pieces in float32 whatever the model dtype: RMSNorm's
+    normalisation, the RoPE cos/sin tables and the eager attention softmax. For float64 goldens these
+    three are replaced by the same formulas in max(float32, model dtype), RoPE tables in float64 (as
+    SPEC.md defines them); every other computation (projections, SwiGLU, masks, residuals, head,
+    generate) is transformers' own code.
+    """
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.phi3.modeling_phi3 as phi3
+
+    def rmsnorm_forward(self, hidden):
+        x = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(hidden.dtype)
+
+    def rotary_forward(self, x, position_ids):
+        cfg = self.config.refslm_golden_config
+        cos, sin = rope_tables(cfg, position_ids, int(position_ids.max()) + 1)
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+    def eager_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key = llama.repeat_kv(key, module.num_key_value_groups)
+        value = llama.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+    for module in (llama, phi3):
+        prefix = "Llama" if module is llama else "Phi3"
+        getattr(module, f"{prefix}RMSNorm").forward = rmsnorm_forward
+        getattr(module, f"{prefix}RotaryEmbedding").forward = rotary_forward
+        module.eager_attention_forward = eager_forward
+
+
+def hf_model(cfg: dict, dtype: torch.dtype):
+    """A transformers LlamaForCausalLM / Phi3ForCausalLM for a refslm decoder-only config dict (eager attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    rope = {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
+    if cfg["rope_type"] != "default" and cfg["rope_factor"] > 1:
+        rope = {"rope_theta": cfg["rope_theta"], "rope_type": cfg["rope_type"], "factor": cfg["rope_factor"]}
+    common = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["n_embd"], intermediate_size=cfg["hidden_dim"],
+                  num_hidden_layers=cfg["n_layer"], num_attention_heads=cfg["n_head"],
+                  num_key_value_heads=cfg["n_kv_head"], max_position_embeddings=cfg["block_size"],
+                  rms_norm_eps=cfg["norm_eps"], tie_word_embeddings=cfg["tie_word_embeddings"],
+                  pad_token_id=cfg["pad_token_id"], bos_token_id=cfg["bos_token_id"],
+                  eos_token_id=cfg["eos_token_id"], rope_parameters=rope, attn_implementation="eager")
+    if cfg["layout"] == "llama":
+        config = LlamaConfig(head_dim=head_dim(cfg), attention_bias=cfg["attention_bias"], mlp_bias=cfg["mlp_bias"],
+                             **common)
+        model = LlamaForCausalLM(config)
+    else:
+        config = Phi3Config(original_max_position_embeddings=cfg["block_size"], sliding_window=None, **common)
+        model = Phi3ForCausalLM(config)
+    config.refslm_golden_config = cfg
+    return model.to(dtype).eval()
+
+
+def hf_param_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Hugging Face state-dict names -> shapes (a tied lm_head is not listed)."""
+    return {name: tuple(p.shape) for name, p in hf_model(cfg, F64).named_parameters()}
+
+
+def hf_load(cfg: dict, params: Tensors):
+    """An HF model in the params' dtype holding exactly these parameters."""
+    dtype = next(iter(params.values())).dtype
+    model = hf_model(cfg, dtype)
+    named = dict(model.named_parameters())
+    assert set(named) == set(params), set(named) ^ set(params)
+    with torch.no_grad():
+        for name, value in params.items():
+            named[name].copy_(value)
+    return model
+
+
+def hf_logits(cfg, params, ids, positions=None):
+    """Logits [B, T, V] by transformers: attention_mask = ids != pad, position_ids default 0..T-1."""
+    model = hf_load(cfg, params)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=(ids != cfg["pad_token_id"]).long(),
+                     position_ids=positions).logits
+
+
+def hf_model_cases() -> list[Case]:
+    base = dict(qkv_embd=None, head_dim=12, n_head=4, is_interleaved=True, n_layer=2, attention_bias=False,
+                mlp_bias=False, rope_type="default", mask_fill="-inf")
+    specs = [
+        ("model_llama_hf_untied_ntk", "Hugging Face LlamaForCausalLM: SwiGLU, GQA 4/2 (head_dim 12, q width 48 != "
+         "n_embd), untied lm_head, dynamic NTK (factor 2, block_size 8 < T 12), -inf fill, right padding",
+         do_config(**{**base, "layout": "llama", "tie_word_embeddings": False, "rope_type": "dynamic",
+                      "rope_factor": 2.0, "block_size": 8}), [(0, 0), (0, 3)], 12),
+        ("model_llama_hf_tied_bias_linear", "Hugging Face LlamaForCausalLM: attention and MLP biases, tied head, "
+         "linear RoPE scaling factor 2, left padding (finite_min fill: fully masked pad rows average all values, "
+         "as transformers' eager additive mask does)",
+         do_config(**{**base, "layout": "llama", "attention_bias": True, "mlp_bias": True, "rope_type": "linear",
+                      "rope_factor": 2.0, "mask_fill": "finite_min"}), [(3, 0), (0, 0)], 9),
+        ("model_phi3_hf", "Hugging Face Phi3ForCausalLM: fused qkv_proj and gate_up_proj, GQA 4/2, head_dim = "
+         "n_embd / n_head, untied head, left and right padding, finite_min fill",
+         do_config(**{**base, "layout": "phi3", "head_dim": None, "n_head": 4, "tie_word_embeddings": False,
+                      "mask_fill": "finite_min", "norm_eps": 1e-5}), [(2, 0), (0, 2)], 9),
+    ]
+    cases = []
+    for name, description, cfg, rows, t in specs:
+        g = generator(name)
+        params = random_params(g, hf_param_shapes(cfg))
+        inputs = {"input.input_ids": padded_ids(g, rows, t, cfg["vocab_size"]),
+                  **{f"param.{k}": v for k, v in params.items()}}
+
+        def compute(t, cfg=cfg):
+            logits = hf_logits(cfg, params_of(t), t["input.input_ids"])
+            if cfg["layout"] == "llama":  # cross-check: the SPEC.md formulas in this file give the same numbers
+                r = 1e-12 if logits.dtype == F64 else 1e-4
+                assert torch.allclose(logits, llama_logits(cfg, params_of(t), t["input.input_ids"]),
+                                      rtol=r, atol=r * float(logits.abs().max())), "transformers != SPEC"
+            return {"output.logits": logits}
+
+        cases.append(Case(name, "model", description, inputs, compute, {"model_kind": "decoder_only",
+                                                                        "computed_by": "transformers"}, cfg))
+    return cases
+
+
+def llama_logits(cfg, p, ids, positions=None):
+    """Llama from SPEC.md (SwiGLU, no cross-attention), for cross-checking transformers in this file."""
+    eps, t = cfg["norm_eps"], ids.shape[1]
+    rope = rope_tables(cfg, torch.arange(t)[None] if positions is None else positions, t)
+    mask = ids != cfg["pad_token_id"]
+    x = F.embedding(ids, p["model.embed_tokens.weight"])
+    for i in range(cfg["n_layer"]):
+        pre = f"model.layers.{i}"
+
+        def lin(name, h, pre=pre):
+            return t_linear(h, p[f"{pre}.{name}.weight"], p.get(f"{pre}.{name}.bias"))
+
+        h = t_rmsnorm(x, p[f"{pre}.input_layernorm.weight"], eps)
+        q = t_apply_rope(split_heads(lin("self_attn.q_proj", h), cfg["n_head"]), *rope, "rotate_half")
+        k = t_apply_rope(split_heads(lin("self_attn.k_proj", h), cfg["n_kv_head"]), *rope, "rotate_half")
+        v = split_heads(lin("self_attn.v_proj", h), cfg["n_kv_head"])
+        y = t_attention(q, k, v, mask, True, 0, True, cfg["mask_fill"])
+        x = x + lin("self_attn.o_proj", merge_heads(y))
+        h = t_rmsnorm(x, p[f"{pre}.post_attention_layernorm.weight"], eps)
+        x = x + lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h))
+    x = t_rmsnorm(x, p["model.norm.weight"], eps)
+    return x @ p.get("lm_head.weight", p["model.embed_tokens.weight"]).T
+
+
+# ------------------------------------------------------------------ losses (SPEC.md section 6), gradients by autograd
+
+
+def x_log_x_over_y(log_x, log_y):
+    """x log(x / y) from logs: 0 where x = 0, +inf where x > 0 = y; autograd-safe (no NaN from masked branches)."""
+    x_zero, y_zero = torch.isneginf(log_x), torch.isneginf(log_y)
+    safe_x = torch.where(x_zero, torch.zeros((), dtype=log_x.dtype), log_x)
+    safe_y = torch.where(y_zero, torch.zeros((), dtype=log_y.dtype), log_y)
+    term = torch.where(x_zero, torch.zeros((), dtype=log_x.dtype), safe_x.exp() * (safe_x - safe_y))
+    return torch.where(y_zero & ~x_zero, torch.full((), math.inf, dtype=log_x.dtype), term)
+
+
+def log_mixture(log_a, log_b, weight_a):
+    """log(weight_a a + (1 - weight_a) b) from log a, log b."""
+    if weight_a in (0.0, 1.0):
+        return log_a if weight_a == 1.0 else log_b
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def t_loss_row_values(kind, student, teacher=None, targets=None, *, temperature=1.0, beta=0.0,
+                      label_smoothing=0.0):
+    """[N, V] -> [N] per-row loss values of one kind (SPEC.md Losses; refslm.losses.loss_rows docstring)."""
+    log_q = torch.log_softmax(student / temperature, -1)
+    if kind == "cross_entropy":
+        vocab = student.shape[-1]
+        w = torch.full_like(log_q, label_smoothing / vocab)
+        w[torch.arange(len(targets)), targets] += 1.0 - label_smoothing
+        return -(w * log_q).sum(-1)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse_kl"
+    if kind in ("jsd", "skew_kl") and beta == 0.0:
+        kind = "forward_kl"
+    if kind == "skew_reverse_kl" and beta == 0.0:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        return x_log_x_over_y(log_p, log_q).sum(-1)
+    if kind == "reverse_kl":
+        return x_log_x_over_y(log_q, log_p).sum(-1)
+    if kind == "jsd":
+        log_m = log_mixture(log_p, log_q, beta)
+        return beta * x_log_x_over_y(log_p, log_m).sum(-1) + (1 - beta) * x_log_x_over_y(log_q, log_m).sum(-1)
+    if kind == "skew_kl":
+        return x_log_x_over_y(log_p, log_mixture(log_p, log_q, beta)).sum(-1)
+    if kind == "skew_reverse_kl":
+        return x_log_x_over_y(log_q, log_mixture(log_q, log_p, beta)).sum(-1)
+    raise ValueError(kind)
+
+
+def reduce_rows(values, kept, reduction, leading0):
+    """Reductions (SPEC.md): none -> values * kept; sum; mean = sum / #kept; batchmean = sum / leading0 when
+    unmasked (kept None), sum / #kept when masked. Zero kept rows give 0."""
+    keep = torch.ones_like(values, dtype=torch.bool) if kept is None else kept
+    masked = torch.where(keep, values, torch.zeros((), dtype=values.dtype))
+    if reduction == "none":
+        return masked
+    if reduction == "sum":
+        return masked.sum()
+    count = leading0 if reduction == "batchmean" and kept is None else int(keep.sum())
+    return masked.sum() / count if count else masked.sum() * 0.0
+
+
+def with_grad(t: Tensors, fn, wrt=("input.student",)) -> Tensors:
+    """{'output.value': fn(...), 'output.grad*': autograd of the value (of its sum for per-row values)}."""
+    leaves = {name: t[name].clone().requires_grad_(True) for name in wrt}
+    value = fn({**t, **leaves})
+    grads = torch.autograd.grad(value.sum(), list(leaves.values()))
+    names = ["output.grad"] if len(wrt) == 1 else [f"output.grad_{n.split('.')[-1]}" for n in wrt]
+    return {"output.value": value.detach(), **{n: g for n, g in zip(names, grads, strict=True)}}
+
+
+def public_loss(t, function, options):
+    """The public refslm.losses functions, written here from SPEC.md: -> value (scalar, or [B, T] for none)."""
+    student = t["input.hidden"] @ t["input.lm_head"].T if "input.hidden" in t else t["input.student"]
+    leading, vocab = student.shape[:-1], student.shape[-1]
+    flat = student.reshape(-1, vocab)
+    o = dict(options)
+    if function == "cross_entropy":
+        targets = t["input.targets"].reshape(-1)
+        kept = targets != o.get("ignore_index", -100)
+        values = t_loss_row_values("cross_entropy", flat[kept], targets=targets[kept],
+                                   label_smoothing=o.get("label_smoothing", 0.0))
+        full = torch.zeros(flat.shape[0], dtype=flat.dtype).masked_scatter(kept, values)
+        out = reduce_rows(full, kept, o.get("reduction", "mean"), leading[0])
+        return out.reshape(leading) if o.get("reduction") == "none" else out
+    if function == "kd_loss":
+        return kd_loss(t, flat, o)
+    kind = {"generalized_jsd": "jsd"}.get(function, function)
+    beta = o.get("alpha", 0.1) if kind.startswith("skew") else o.get("beta", 0.5 if kind == "jsd" else 0.0)
+    teacher = t["input.teacher"].reshape(-1, t["input.teacher"].shape[-1])
+    columns = min(vocab, teacher.shape[-1])
+    temperature = o.get("temperature", 1.0)
+    values = t_loss_row_values(kind, flat[:, :columns], teacher[:, :columns], temperature=temperature, beta=beta)
+    kept = None
+    if "input.mask" in t:
+        kept = t["input.mask"].reshape(-1).bool()
+    elif "input.labels" in t:
+        kept = t["input.labels"].reshape(-1) != o.get("ignore_index", -100)
+    coefficient = temperature ** 2 if o.get("scale_by_t2") else 1.0
+    out = coefficient * reduce_rows(values, kept, o.get("reduction", "batchmean"), leading[0])
+    return out.reshape(leading) if o.get("reduction") == "none" else out
+
+
+def kd_loss(t, flat, o):
+    """alpha * KD + (1 - alpha) * CE (SPEC.md): 'paper' (masked divergence / kept tokens, default reverse KL)
+    or 'public_code' (forward KL, no mask, batchmean over all B*T rows, vocabularies cut to the smaller)."""
+    alpha, temperature = o.get("alpha", 0.9), o.get("temperature", 1.0)
+    targets = t["input.targets"].reshape(-1)
+    kept = targets != o.get("ignore_index", 0)
+    teacher = t["input.teacher"].reshape(-1, t["input.teacher"].shape[-1])
+    columns = min(flat.shape[-1], teacher.shape[-1])
+    public = o.get("mode", "paper") == "public_code"
+    kind = "forward_kl" if public else o.get("divergence", "reverse_kl")
+    beta = o.get("beta", 0.5)
+    kd = t_loss_row_values(kind, flat[:, :columns], teacher[:, :columns], temperature=temperature, beta=beta)
+    kd = reduce_rows(kd, None if public else kept, "batchmean", flat.shape[0])
+    kd = kd * (temperature ** 2 if o.get("scale_by_t2") else 1.0)
+    ce = t_loss_row_values("cross_entropy", flat[kept], targets=targets[kept],
+                           label_smoothing=o.get("label_smoothing", 0.0))
+    ce = ce.sum() / int(kept.sum()) if int(kept.sum()) else ce.sum() * 0.0
+    return alpha * kd + (1 - alpha) * ce
+
+
+def loss_case(name, description, inputs, function, options, wrt=("input.student",), **attributes):
+    def compute(t):
+        return with_grad(t, lambda tt: public_loss(tt, function, options), wrt)
+
+    return Case(name, "loss", description, inputs, compute, {"function": function, "options": options, **attributes})
+
+
+def loss_cases() -> list[Case]:
+    g = generator("losses")
+    b, t, v = 2, 5, 64
+    student, teacher = randn(g, b, t, v, scale=3.0), randn(g, b, t, v, scale=3.0)
+    teacher_inf = teacher.clone()
+    teacher_inf[..., 40:] = -math.inf  # banned teacher entries (e.g. tokens outside the teacher tokenizer)
+    targets = randint(g, 0, v, b, t)
+    targets[1, 3:] = 0  # pad = ignore_index 0 for kd_loss
+    labels = targets.clone()
+    labels[0, 1], labels[1, 3:] = -100, -100
+    mask = (randint(g, 0, 4, b, t) > 0).long()
+    extreme = student.clone()
+    extreme[0, 0, :3] = torch.tensor([1e4, -1e4, 1e4 - 1.0], dtype=F64)
+    extreme[1, 2, 5] = -1e4
+    none_kept = torch.full((b, t), -100, dtype=torch.int64)
+    cases = []
+    for reduction in ("mean", "sum", "none", "batchmean"):
+        cases.append(loss_case(f"loss_cross_entropy_{reduction}", f"cross-entropy, ignore_index -100 on 3 tokens, "
+                               f"label smoothing 0.1, reduction {reduction}", {"input.student": student,
+                               "input.targets": labels}, "cross_entropy",
+                               {"ignore_index": -100, "label_smoothing": 0.1, "reduction": reduction},
+                               positional=["input.targets"]))
+    cases.append(loss_case("loss_cross_entropy_zero_kept", "cross-entropy with every token ignored: value 0, "
+                           "gradient 0 (defined, never NaN)", {"input.student": student, "input.targets": none_kept},
+                           "cross_entropy", {"reduction": "mean"}, positional=["input.targets"]))
+    cases.append(loss_case("loss_cross_entropy_extreme", "cross-entropy on logits with +-1e4 entries",
+                           {"input.student": extreme, "input.targets": labels}, "cross_entropy", {"reduction": "mean"},
+                           positional=["input.targets"]))
+    divergence_specs = [
+        ("forward_kl_t2_teacher_inf", "forward KL, temperature 2 with T^2 scaling, teacher -inf entries, "
+         "batchmean unmasked (sum / B)", "forward_kl", {"temperature": 2.0, "scale_by_t2": True}, teacher_inf, {}),
+        ("forward_kl_extreme", "forward KL, student logits with +-1e4 entries, reduction sum", "forward_kl",
+         {"reduction": "sum"}, teacher, {"student": extreme}),
+        ("reverse_kl_mask_mean", "reverse KL (the paper's KD), bool mask, reduction mean", "reverse_kl",
+         {"reduction": "mean"}, teacher, {"mask": mask}),
+        ("reverse_kl_extreme", "reverse KL, student logits with +-1e4 entries, batchmean", "reverse_kl", {},
+         teacher, {"student": extreme}),
+        ("jsd_labels_teacher_inf", "generalized JSD beta 0.3 (TRL GKD), labels with ignore_index, teacher -inf "
+         "entries, batchmean masked (sum / kept)", "generalized_jsd", {"beta": 0.3, "ignore_index": -100},
+         teacher_inf, {"labels": labels}),
+        ("jsd_beta1", "generalized JSD beta 1 (= reverse KL exactly), reduction none", "generalized_jsd",
+         {"beta": 1.0, "reduction": "none"}, teacher, {}),
+        ("skew_kl_mask_sum", "skew KL alpha 0.1 (DistiLLM), mask, reduction sum, temperature 1.5",
+         "skew_kl", {"alpha": 0.1, "reduction": "sum", "temperature": 1.5}, teacher_inf, {"mask": mask}),
+        ("skew_reverse_kl_none", "skew reverse KL alpha 0.2, teacher -inf entries, reduction none",
+         "skew_reverse_kl", {"alpha": 0.2, "reduction": "none"}, teacher_inf, {}),
+        ("reverse_kl_zero_kept", "reverse KL with an all-False mask: value 0, gradient 0", "reverse_kl", {},
+         teacher, {"mask": torch.zeros(b, t, dtype=torch.int64)}),
+        ("forward_kl_vocab_truncate", "forward KL, teacher vocabulary 60 < student 64, vocab_policy truncate "
+         "(gradient 0 on the student's extra columns)", "forward_kl", {"vocab_policy": "truncate"},
+         teacher[..., :60], {}),
+    ]
+    for name, description, function, options, teach, extra in divergence_specs:
+        inputs = {"input.student": extra.get("student", student), "input.teacher": teach}
+        if "mask" in extra:
+            inputs["input.mask"] = extra["mask"]
+        if "labels" in extra:
+            inputs["input.labels"] = extra["labels"]
+        cases.append(loss_case(f"loss_{name}", description, inputs, function, options, positional=["input.teacher"]))
+    kd_specs = [
+        ("paper", "kd_loss paper mode: 0.9 reverse KL (masked by targets != pad 0, / kept) + 0.1 CE", {}, teacher),
+        ("paper_jsd_t2", "kd_loss paper mode with generalized JSD beta 0.5, temperature 2, T^2 scaling, "
+         "alpha 0.5, teacher -inf entries", {"divergence": "jsd", "temperature": 2.0, "scale_by_t2": True,
+                                             "alpha": 0.5}, teacher_inf),
+        ("public_code", "kd_loss public_code mode (microsoft/encoder-decoder-slm): forward KL batchmean over all "
+         "B*T rows, no mask, teacher vocabulary 60 cut from student 64, + CE ignoring pad 0",
+         {"mode": "public_code"}, teacher[..., :60]),
+    ]
+    for name, description, options, teach in kd_specs:
+        cases.append(loss_case(f"loss_kd_{name}", description, {"input.student": student, "input.teacher": teach,
+                                                                 "input.targets": targets}, "kd_loss", options,
+                               positional=["input.teacher", "input.targets"]))
+    hidden, lm_head = randn(g, b, t, 16), randn(g, v, 16, scale=0.5)
+    cases.append(loss_case("loss_kd_fused_linear", "fused head + kd_loss (paper mode): hidden [B, T, C] and "
+                           "lm_head [V, C] in, gradients for both, chunk_rows 3",
+                           {"input.hidden": hidden, "input.lm_head": lm_head, "input.teacher": teacher,
+                            "input.targets": targets}, "kd_loss", {}, wrt=("input.hidden", "input.lm_head"),
+                           positional=["input.teacher", "input.targets"], form="fused", chunk_rows=3))
+    cases.append(loss_case("loss_forward_kl_streaming", "forward KL through the streaming form (chunk_size "
+                           "(3, 20): online logsumexp over vocabulary chunks), teacher -inf entries",
+                           {"input.student": student, "input.teacher": teacher_inf}, "forward_kl", {},
+                           positional=["input.teacher"], form="streaming", chunk_size=[3, 20]))
+    cases += loss_rows_cases()
+    return cases
+
+
+def loss_rows_cases() -> list[Case]:
+    """The backend kernel contract Backend.loss_rows: per-row values and row_weight-scaled gradients."""
+    g = generator("loss_rows")
+    n, v = 6, 40
+    student, teacher = randn(g, n, v, scale=3.0), randn(g, n, v, scale=3.0)
+    teacher[2, 30:] = -math.inf
+    targets = randint(g, 0, v, n)
+    row_weight = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0 / 3.0, 1.0], dtype=F64)
+    cases = []
+    for kind, beta, smoothing in (("cross_entropy", 0.0, 0.1), ("forward_kl", 0.0, 0.0), ("reverse_kl", 0.0, 0.0),
+                                  ("jsd", 0.3, 0.0), ("skew_kl", 0.1, 0.0), ("skew_reverse_kl", 0.2, 0.0)):
+        teach = teacher if kind != "reverse_kl" else teacher.nan_to_num(neginf=-50.0)
+        inputs = {"input.student": student, "input.row_weight": row_weight}
+        inputs.update({"input.targets": targets} if kind == "cross_entropy" else {"input.teacher": teach})
+        options = {"temperature": 1.5, "beta": beta, "label_smoothing": smoothing}
+
+        def compute(t, kind=kind, options=options):
+            s = t["input.student"].clone().requires_grad_(True)
+            values = t_loss_row_values(kind, s, t.get("input.teacher"), t.get("input.targets"), **options)
+            weight = t["input.row_weight"].to(values.dtype)
+            values = torch.where(weight != 0, values, torch.zeros((), dtype=values.dtype))
+            (grad,) = torch.autograd.grad((weight * values).sum(), [s])
+            return {"output.values": values.detach(), "output.grad": grad}
+
+        cases.append(Case(f"loss_rows_{kind}", "loss_rows", f"backend kernel loss_rows('{kind}'): temperature 1.5, "
+                          f"beta {beta}, label smoothing {smoothing}, row weights incl. 0 and 1/3"
+                          + (", teacher -inf entries" if kind != "reverse_kl" and kind != "cross_entropy" else ""),
+                          inputs, compute, {"kind": kind, **options, "float64_inputs": ["input.row_weight"]}))
+    return cases
+
+
 # ------------------------------------------------------------------ main
 
 
 def all_cases() -> list[Case]:
-    return op_cases() + mu_model_cases()
+    return op_cases() + mu_model_cases() + hf_model_cases() + loss_cases()
 
 
 def main() -> None:
+    hf_float64_patches()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     CASES_DIR.mkdir(parents=True, exist_ok=True)

@@ -232,11 +232,6 @@ def check_outputs(case: GoldenCase, tensors: dict[str, np.ndarray], got: dict[st
 # ------------------------------------------------------------------ running cases on refslm backends
 
 
-def _floats(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Float tensors cast to the compute dtype; integer tensors unchanged."""
-    return {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in tensors.items()}
-
-
 def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
     """Run an 'op' case through the backend's kernel for that op (softmax family: refslm.ops on the host)."""
     a = case.attributes
@@ -300,9 +295,46 @@ class Runner:
     uses_backend: Callable[[GoldenCase], bool] = field(default=lambda case: True)
 
 
+def _run_loss(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """A public loss of refslm.losses (direct form on the backend's kernel, streaming or fused form)."""
+    from . import losses
+
+    a = case.attributes
+    options = dict(a["options"])
+    if "input.mask" in t:
+        options["mask"] = t["input.mask"].astype(bool)
+    if "input.labels" in t:
+        options["labels"] = t["input.labels"]
+    positional = [t[name] for name in a["positional"]]
+    form = a.get("form", "direct")
+    if form == "fused":
+        value, grad_hidden, grad_lm_head = losses.fused_linear_loss(
+            t["input.hidden"], t["input.lm_head"], *positional, loss=a["function"], chunk_rows=a["chunk_rows"],
+            backend=backend, **options)
+        return {"output.value": np.asarray(value), "output.grad_hidden": grad_hidden,
+                "output.grad_lm_head": grad_lm_head}
+    if form == "streaming":
+        options["chunk_size"] = tuple(a["chunk_size"])
+    value, grad = losses.LOSSES[a["function"]](t["input.student"], *positional, backend=backend, **options)
+    return {"output.value": np.asarray(value), "output.grad": grad}
+
+
+def _run_loss_rows(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """The backend kernel Backend.loss_rows on host arrays moved to the backend."""
+    a = case.attributes
+    teacher = t.get("input.teacher")
+    values, grad = backend.loss_rows(a["kind"], backend.asarray(t["input.student"]),
+                                     None if teacher is None else backend.asarray(teacher), t.get("input.targets"),
+                                     t["input.row_weight"], temperature=a["temperature"], beta=a["beta"],
+                                     label_smoothing=a["label_smoothing"])
+    return {"output.values": np.asarray(values), "output.grad": backend.to_numpy(grad)}
+
+
 RUNNERS: dict[str, Runner] = {
     "op": Runner(_run_op, lambda case: case.attributes["op"] not in HOST_OPS),
     "model": Runner(_run_model),
+    "loss": Runner(_run_loss, lambda case: case.attributes.get("form") != "streaming"),
+    "loss_rows": Runner(_run_loss_rows),
 }
 
 
@@ -310,7 +342,9 @@ def run_case(case: GoldenCase, tensors: dict[str, np.ndarray], backend, dtype: s
     """refslm's outputs for a case on a backend instance, in the compute dtype."""
     if case.kind not in RUNNERS:
         raise GoldenError(f"case {case.name}: no runner for kind {case.kind!r}")
-    inputs = _floats({n: tensors[n] for n in case.inputs}, dtype)
+    keep = case.attributes.get("float64_inputs", ())
+    inputs = {n: (tensors[n] if n in keep else tensors[n].astype(dtype) if tensors[n].dtype.kind == "f"
+                  else tensors[n]) for n in case.inputs}
     return RUNNERS[case.kind].run(case, inputs, backend, dtype)
 
 
