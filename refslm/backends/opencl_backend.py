@@ -205,7 +205,7 @@ class OpenCLBackend(Backend):
 
     def _check_tile(self, tile: GemmTile) -> GemmTile:
         lx, ly = tile.local_size
-        local_bytes = tile.tk * (tile.tm + tile.tn + 2) * 8
+        local_bytes = tile.tk * (tile.tm + tile.tn + 2) * 4  # float32 tiles (float64 needs twice this)
         if tile.tm % tile.rm or tile.tn % tile.rn or lx * ly > self.device.max_work_group_size \
                 or local_bytes > self.device.local_mem_size:
             raise ValueError(f"GEMM tile {tile} does not fit {self.device_name}: needs TM % RM == TN % RN == 0, "
