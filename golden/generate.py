@@ -1004,11 +1004,142 @@ def loss_rows_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------ generation (SPEC.md section 4)
+
+
+def left_pad_positions(ids, pad):
+    """[B, T] -> [B, T] positions t - (leading pads of the row), clamped at 0."""
+    real = ids != pad
+    leading = torch.where(real.any(1), real.int().argmax(1), torch.tensor(ids.shape[1]))
+    return (torch.arange(ids.shape[1])[None] - leading[:, None]).clamp(min=0)
+
+
+def prefix_logits(logits_of, ids, first):
+    """[B, T] ids -> [B, T-first, V]: for each position p >= first, the last logits of a forward over ids[:, :p+1]."""
+    return torch.stack([logits_of(ids[:, :p + 1])[:, -1] for p in range(first, ids.shape[1])], 1)
+
+
+def greedy_tokens(next_logits, steps, eos):
+    """Greedy decoding with full recompute: next_logits(tokens so far [B, n]) -> [B, V]; rows that emitted eos
+    keep emitting it. -> (tokens [B, steps], smallest top-1 / top-2 logit gap seen)."""
+    tokens, gap = [], math.inf
+    finished = None
+    for _ in range(steps):
+        logits = next_logits(torch.stack(tokens, 1) if tokens else None)
+        top2 = logits.topk(2, -1).values
+        gap = min(gap, float((top2[:, 0] - top2[:, 1]).min()))
+        token = logits.argmax(-1)
+        if finished is not None:
+            token = torch.where(finished, torch.tensor(eos), token)
+        finished = token == eos if finished is None else finished | (token == eos)
+        tokens.append(token)
+    return torch.stack(tokens, 1), gap
+
+
+def generate_cases() -> list[Case]:
+    cases = []
+    # encoder-decoder: cached decoder steps against a full recompute per prefix
+    cfg = ed_config()
+    g = generator("generate_ed_cached_steps")
+    params = random_params(g, mu_param_shapes(cfg))
+    inputs = {"input.input_ids": padded_ids(g, [(0, 0), (2, 0)], 8, cfg["vocab_size"]),
+              "input.decoder_input_ids": padded_ids(g, [(0, 0), (0, 0)], 7, cfg["vocab_size"], first=1),
+              **{f"param.{k}": v for k, v in params.items()}}
+
+    def ed_steps(t, cfg=cfg):
+        p = params_of(t)
+        return {"output.logits": prefix_logits(lambda d: mu_logits(p, cfg, t["input.input_ids"], d),
+                                               t["input.decoder_input_ids"], 1)}
+
+    cases.append(Case("generate_ed_cached_steps", "generate", "encoder-decoder KV-cached decoding: prefill [BOS, "
+                      "y1], then one token per step; logits at positions 1..6 equal a full recompute of each prefix",
+                      inputs, ed_steps, {"model_kind": "encoder_decoder", "mode": "cached_steps", "prefill": 2}, cfg))
+
+    # encoder-decoder greedy generation with EOS (the EOS id is one the model emits mid-way)
+    g = generator("generate_ed_greedy")
+    params = random_params(g, mu_param_shapes(cfg))
+    source = padded_ids(g, [(0, 0), (3, 0), (0, 1)], 9, cfg["vocab_size"])
+
+    def ed_next(p, cfg, src, tokens):
+        bos = torch.full((src.shape[0], 1), cfg["bos_token_id"], dtype=torch.int64)
+        dec = bos if tokens is None else torch.cat([bos, tokens], 1)
+        return mu_logits(p, cfg, src, dec)[:, -1]
+
+    dry, _ = greedy_tokens(lambda tok: ed_next(params, cfg, source, tok), 6, eos=-1)
+    cfg_eos = {**cfg, "eos_token_id": int(dry[0, 2])}
+
+    def ed_greedy(t, cfg=cfg_eos):
+        p = params_of(t)
+        tokens, gap = greedy_tokens(lambda tok: ed_next(p, cfg, t["input.input_ids"], tok), 6, cfg["eos_token_id"])
+        assert gap > 1e-2, f"greedy margin {gap} too small for a robust exact-token golden"
+        return {"output.tokens": tokens}
+
+    cases.append(Case("generate_ed_greedy", "generate", "encoder-decoder greedy generation, 6 new tokens, EOS = the "
+                      "token row 0 emits third (that row then keeps emitting EOS); top-1/top-2 margins > 1e-2",
+                      {"input.input_ids": source, **{f"param.{k}": v for k, v in params.items()}}, ed_greedy,
+                      {"model_kind": "encoder_decoder", "mode": "greedy", "max_new_tokens": 6}, cfg_eos))
+
+    # Llama (transformers): cached steps across the dynamic-NTK boundary with a left-padded prompt
+    cfg = do_config(qkv_embd=None, head_dim=12, n_head=4, is_interleaved=True, attention_bias=False, mlp_bias=False,
+                    layout="llama", rope_type="dynamic", rope_factor=2.0, block_size=8, mask_fill="-inf")
+    g = generator("generate_llama_hf_cached_steps_ntk")
+    params = random_params(g, hf_param_shapes(cfg))
+    prompt = padded_ids(g, [(0, 0), (3, 0)], 6, cfg["vocab_size"])
+    continuation = randint(g, 3, cfg["vocab_size"], 2, 6)
+
+    def llama_steps(t, cfg=cfg):
+        p = params_of(t)
+        ids = torch.cat([t["input.input_ids"], t["input.continuation_ids"]], 1)
+        return {"output.logits": prefix_logits(
+            lambda x: hf_logits(cfg, p, x, left_pad_positions(x, cfg["pad_token_id"])), ids,
+            t["input.input_ids"].shape[1] - 1)}
+
+    cases.append(Case("generate_llama_hf_cached_steps_ntk", "generate", "Llama (transformers) KV-cached decoding: "
+                      "left-padded prompt (positions t - leading pads), 6 steps taking the length from 6 to 12 across "
+                      "block_size 8 under dynamic NTK (the cache must be recomputed when the base changes); logits "
+                      "equal a full recompute of each prefix",
+                      {"input.input_ids": prompt, "input.continuation_ids": continuation,
+                       **{f"param.{k}": v for k, v in params.items()}}, llama_steps,
+                      {"model_kind": "decoder_only", "mode": "cached_steps", "computed_by": "transformers"}, cfg))
+
+    # Llama greedy generation by transformers' own generate()
+    cfg = {**cfg, "rope_type": "default", "rope_factor": 1.0, "block_size": 32, "tie_word_embeddings": False}
+    g = generator("generate_llama_hf_greedy")
+    params = random_params(g, hf_param_shapes(cfg))
+    prompt = randint(g, 3, cfg["vocab_size"], 2, 5)
+
+    def hf_greedy(cfg, p, ids, steps):
+        model = hf_load(cfg, p)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                 do_sample=False, eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"],
+                                 output_scores=True, return_dict_in_generate=True)
+        tokens = out.sequences[:, ids.shape[1]:]
+        seen = (tokens == cfg["eos_token_id"]).cumsum(1) > 0  # transformers pads finished rows: SPEC repeats EOS
+        gap = min(float((s.topk(2, -1).values[:, 0] - s.topk(2, -1).values[:, 1]).min()) for s in out.scores)
+        return torch.where(seen, torch.tensor(cfg["eos_token_id"]), tokens), gap
+
+    dry, _ = hf_greedy({**cfg, "eos_token_id": 2}, params, prompt, 6)
+    cfg_eos = {**cfg, "eos_token_id": int(dry[1, 3])}
+
+    def llama_greedy(t, cfg=cfg_eos):
+        tokens, gap = hf_greedy(cfg, params_of(t), t["input.input_ids"], 6)
+        assert gap > 1e-2, f"greedy margin {gap} too small for a robust exact-token golden"
+        return {"output.tokens": tokens}
+
+    cases.append(Case("generate_llama_hf_greedy", "generate", "Llama greedy generation by transformers' generate(), "
+                      "6 new tokens, EOS = the token row 1 emits fourth (finished rows repeat EOS)",
+                      {"input.input_ids": prompt, **{f"param.{k}": v for k, v in params.items()}}, llama_greedy,
+                      {"model_kind": "decoder_only", "mode": "greedy", "max_new_tokens": 6,
+                       "computed_by": "transformers"}, cfg_eos))
+    return cases
+
+
 # ------------------------------------------------------------------ main
 
 
 def all_cases() -> list[Case]:
-    return op_cases() + mu_model_cases() + hf_model_cases() + loss_cases()
+    return op_cases() + mu_model_cases() + hf_model_cases() + loss_cases() + generate_cases()
 
 
 def main() -> None:

@@ -295,6 +295,26 @@ class Runner:
     uses_backend: Callable[[GoldenCase], bool] = field(default=lambda case: True)
 
 
+def _run_generate(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """KV-cached decoding (refslm.generate.CachedDecoder) or greedy generation (model.generate)."""
+    from .generate import CachedDecoder
+
+    a = case.attributes
+    model = case_model(case, t, backend, dtype)
+    if a["mode"] == "greedy":
+        return {"output.tokens": model.generate(t["input.input_ids"], a["max_new_tokens"], greedy=True,
+                                                eos_token_id=model.config.eos_token_id)}
+    if "input.decoder_input_ids" in t:  # encoder-decoder: prefill the first tokens, then one token per step
+        ids = t["input.decoder_input_ids"]
+        prefill, following = ids[:, :a["prefill"]], ids[:, a["prefill"]:]
+        decoder = CachedDecoder(model, t["input.input_ids"], following.shape[1], prefill)
+    else:  # decoder-only: the prompt is the prefill
+        following = t["input.continuation_ids"]
+        decoder = CachedDecoder(model, t["input.input_ids"], following.shape[1])
+    logits = [decoder.logits] + [decoder.step(following[:, i]) for i in range(following.shape[1])]
+    return {"output.logits": np.stack(logits, axis=1)}
+
+
 def _run_loss(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
     """A public loss of refslm.losses (direct form on the backend's kernel, streaming or fused form)."""
     from . import losses
@@ -335,6 +355,7 @@ RUNNERS: dict[str, Runner] = {
     "model": Runner(_run_model),
     "loss": Runner(_run_loss, lambda case: case.attributes.get("form") != "streaming"),
     "loss_rows": Runner(_run_loss_rows),
+    "generate": Runner(_run_generate),
 }
 
 
