@@ -34,6 +34,17 @@ def bytes_per_step(cfg, model_dtype: str, input_len: int, batch: int) -> int:
     return weights * np.dtype(model_dtype).itemsize + caches
 
 
+def machine_baselines(dtype: str, repeat: int) -> dict[str, float]:
+    """This machine now: GEMM GFLOP/s ([1024, 1024] @ [1024, 4096]) and GEMV GB/s (a 256 MB matrix)."""
+    a = np.full((1024, 1024), 0.5, dtype=dtype)
+    b = np.full((4096, 1024), 0.25, dtype=dtype)
+    gemm_s = time_call(lambda: a @ b.T, repeat=repeat + 1, warmup=1)["median_s"]
+    w = np.full((256 * 2**20 // (4096 * np.dtype(dtype).itemsize), 4096), 0.5, dtype=dtype)
+    x = np.full(4096, 0.5, dtype=dtype)
+    gemv_s = time_call(lambda: w @ x, repeat=repeat + 1, warmup=1)["median_s"]
+    return {"gemm_gflops": 2 * a.shape[0] * a.shape[1] * b.shape[0] / gemm_s / 1e9, "gemv_gbs": w.nbytes / gemv_s / 1e9}
+
+
 def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, float]:
     """-> {'first_token_s', 'decode_s' (new_tokens steps), 'decode_tok_s'} for one model on its backend."""
     from ..generate import CachedDecoder
@@ -51,24 +62,29 @@ def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, f
 
 
 def format_table(rows: list[dict], ceilings: dict) -> str:
-    """A plain-text table: one row per backend, with fractions of the ceilings and ratios to the first row."""
-    head = (f"{'backend':<8} {'first token s':>13} {'GFLOP/s':>8} {'of ceiling':>10} {'decode tok/s':>12} "
-            f"{'of ceiling':>10} {'first vs ' + rows[0]['backend']:>15} {'decode vs ' + rows[0]['backend']:>16}")
-    lines = [head, "-" * len(head)]
+    """One row per backend: speed as a fraction of each ceiling ('anchor' = anchors.md, 'now' = the
+    GEMM / GEMV baselines measured in this run) and the ratio to the first backend."""
     base = rows[0]
+    head = (f"{'backend':<8} {'first token s':>13} {'GFLOP/s':>8} {'/anchor':>8} {'/now':>6} {'decode tok/s':>12} "
+            f"{'/anchor':>8} {'/now':>6} {'first, x ' + base['backend']:>15} {'decode, x ' + base['backend']:>16}")
+    lines = [head, "-" * len(head)]
     for r in rows:
         gflops = ceilings["prefill_flops"] / r["first_token_s"] / 1e9
+        tok_s = r["decode_tok_s"]
         lines.append(
-            f"{r['backend']:<8} {r['first_token_s']:>13.3f} {gflops:>8.1f} "
-            f"{ceilings['first_token_s'] / r['first_token_s']:>10.2f} {r['decode_tok_s']:>12.1f} "
-            f"{r['decode_tok_s'] / ceilings['decode_tok_s'][1]:>10.2f} "
-            f"{base['first_token_s'] / r['first_token_s']:>14.2f}x {r['decode_tok_s'] / base['decode_tok_s']:>15.2f}x")
+            f"{r['backend']:<8} {r['first_token_s']:>13.3f} {gflops:>8.1f} {gflops / ceilings['gflops']:>8.2f} "
+            f"{gflops / ceilings['gemm_gflops']:>6.2f} {tok_s:>12.1f} {tok_s / ceilings['decode_tok_s'][1]:>8.2f} "
+            f"{tok_s / ceilings['decode_now']:>6.2f} {base['first_token_s'] / r['first_token_s']:>14.2f}x "
+            f"{tok_s / base['decode_tok_s']:>15.2f}x")
     low, high = ceilings["decode_tok_s"]
-    lines.append(f"ceilings: first token >= {ceilings['first_token_s']:.2f} s ({ceilings['prefill_flops'] / 1e9:.0f} "
-                 f"GFLOP at {ceilings['gflops']:.0f} GFLOP/s); decode <= {low:.0f}-{high:.0f} tok/s "
-                 f"({ceilings['step_bytes'] / 1e9:.3f} GB per step at {ceilings['bandwidth'][0]:.0f}-"
-                 f"{ceilings['bandwidth'][1]:.0f} GB/s). 'of ceiling' = measured / ceiling speed "
-                 f"(decode against the {high:.0f} tok/s bound).")
+    lines += [
+        f"anchor ceilings (anchors.md): first token >= {ceilings['first_token_s']:.2f} s "
+        f"({ceilings['prefill_flops'] / 1e9:.0f} GFLOP at {ceilings['gflops']:.0f} GFLOP/s); decode <= {low:.0f}-"
+        f"{high:.0f} tok/s ({ceilings['step_bytes'] / 1e9:.3f} GB read per step at {ceilings['bandwidth'][0]:.0f}-"
+        f"{ceilings['bandwidth'][1]:.0f} GB/s; '/anchor' uses {high:.0f}).",
+        f"measured now: GEMM {ceilings['gemm_gflops']:.0f} GFLOP/s -> first token >= "
+        f"{ceilings['prefill_flops'] / ceilings['gemm_gflops'] / 1e9:.2f} s; GEMV {ceilings['gemv_gbs']:.1f} GB/s -> "
+        f"decode <= {ceilings['decode_now']:.0f} tok/s."]
     return "\n".join(lines)
 
 
@@ -120,6 +136,8 @@ def run(args) -> int:
     ceilings = {"prefill_flops": prefill, "gflops": args.gflops, "first_token_s": prefill / (args.gflops * 1e9),
                 "step_bytes": step_bytes, "bandwidth": args.bandwidth,
                 "decode_tok_s": tuple(args.batch * bw * 1e9 / step_bytes for bw in args.bandwidth)}
+    ceilings.update(machine_baselines(args.dtype, args.repeat))
+    ceilings["decode_now"] = args.batch * ceilings["gemv_gbs"] * 1e9 / step_bytes
     print(format_table(rows, ceilings))
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
