@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # kernels/opencl/
 LOSS_KIND_CODES = {"cross_entropy": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "skew_kl": 4,
                    "skew_reverse_kl": 5}  # kernels/opencl/loss.cl KIND_*
 GEMV_MAX_M = 8  # gemm.cl GEMV_MAX_M: rows of A up to which linear uses the GEMV kernel
+UPLOAD_CACHE_SIZE = 64  # small host inputs (ids, masks, cos/sin) kept on the device, most recent first
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class OpenCLBackend(Backend):
         self.group_size = min(256, self.device.max_work_group_size)  # row and elementwise kernels
         self.row_attention_max_tq = row_attention_max_tq
         self._kernels: dict[tuple, cl.Kernel] = {}
-        self._rope_cache: tuple[np.ndarray, np.ndarray, object, object] | None = None
+        self._uploads: OrderedDict[tuple, cla.Array] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"OpenCLBackend({self.device_name!r})"
@@ -272,6 +274,25 @@ class OpenCLBackend(Backend):
             x = x.astype(np.float16)
         return cla.to_device(self.queue, x, allocator=self.allocator)
 
+    def upload(self, host: np.ndarray) -> cla.Array:
+        """A small per-call host input (ids, masks, cos/sin) on the device, without waiting for the queue.
+
+        The copy is enqueued without blocking; the device array is kept in a small cache keyed by the
+        contents (equal inputs, e.g. the same cos/sin or mask in every layer, are uploaded once), which
+        also keeps the host buffer alive until the copy has long completed.
+        """
+        host = np.ascontiguousarray(host)
+        key = (host.dtype.str, host.shape, host.tobytes())
+        cached = self._uploads.get(key)
+        if cached is None:
+            cached = cla.to_device(self.queue, host, allocator=self.allocator, async_=True)
+            self._uploads[key] = cached
+            if len(self._uploads) > UPLOAD_CACHE_SIZE:
+                self._uploads.popitem(last=False)
+        else:
+            self._uploads.move_to_end(key)
+        return cached
+
     def to_numpy(self, x: cla.Array) -> np.ndarray:
         return self._dense(x).get()
 
@@ -330,7 +351,7 @@ class OpenCLBackend(Backend):
         dtype = self._check_dtype(table)
         out = self._new((*ids.shape, width), dtype)
         if out.size:
-            device_ids = cla.to_device(self.queue, ids.astype(np.int64), allocator=self.allocator)
+            device_ids = self.upload(ids.astype(np.int64))
             self._launch(self.kernel("elementwise.cl", "embedding", dtype), *self._elementwise_size(out.size),
                          np.int64(out.size), np.int32(width), device_ids.data, table.data, out.data)
         return out
@@ -440,18 +461,6 @@ class OpenCLBackend(Backend):
         b, h, t, d = x.shape
         return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)
 
-    def _device_cos_sin(self, cos: np.ndarray, sin: np.ndarray, dtype: np.dtype):
-        """Upload cos/sin in dtype, reusing the last upload when the host arrays are equal (every layer)."""
-        cos, sin = np.asarray(cos).astype(dtype), np.asarray(sin).astype(dtype)
-        cached = self._rope_cache
-        if cached is not None and cached[0].shape == cos.shape and cached[0].dtype == cos.dtype \
-                and np.array_equal(cached[0], cos) and np.array_equal(cached[1], sin):
-            return cached[2], cached[3]
-        device = (cla.to_device(self.queue, cos, allocator=self.allocator),
-                  cla.to_device(self.queue, sin, allocator=self.allocator))
-        self._rope_cache = (cos, sin, *device)
-        return device
-
     def rope(self, x, cos, sin, layout):
         x = self._dense(x)
         dtype = self._check_dtype(x)
@@ -464,7 +473,7 @@ class OpenCLBackend(Backend):
             raise ValueError(f"rope needs an even head_dim, got {d}")
         out = self._new(x.shape, dtype)
         if out.size:
-            cos_d, sin_d = self._device_cos_sin(cos, sin, dtype)
+            cos_d, sin_d = self.upload(cos.astype(dtype)), self.upload(sin.astype(dtype))
             self._launch(self.kernel("elementwise.cl", "rope", dtype), *self._elementwise_size(out.size),
                          np.int32(h), np.int32(t), np.int32(d), np.int64(out.size), np.int32(cos.shape[0] > 1),
                          np.int32(layout == "interleaved"), x.data, cos_d.data, sin_d.data, out.data)
@@ -498,8 +507,7 @@ class OpenCLBackend(Backend):
             return out
         if tk == 0:
             raise ValueError("attention needs at least one key (Tk >= 1)")
-        mask = cla.to_device(self.queue, (key_mask if key_mask is not None else np.ones((1, 1), bool))
-                             .astype(np.uint8), allocator=self.allocator)
+        mask = self.upload((key_mask if key_mask is not None else np.ones((1, 1), bool)).astype(np.uint8))
         fill = {"MASK_FILL_FINITE": 1} if mask_fill == "finite_min" else {}
         args = (np.int32(hq), np.int32(hkv), np.int32(tq), np.int32(tk), np.int32(hq // hkv),
                 np.int32(bool(interleaved)), np.int32(bool(causal)), np.int32(q_start),
@@ -562,8 +570,7 @@ class OpenCLBackend(Backend):
         acc = np.float64 if self.has_fp64 else np.float32
         values = self._new((n,), acc)
         status = self._new((n,), np.int32)
-        upload = [cla.to_device(self.queue, a, allocator=self.allocator) for a in
-                  (targets, kept.astype(np.uint8), (row_weight / temperature).astype(dtype))]
+        upload = [self.upload(a) for a in (targets, kept.astype(np.uint8), (row_weight / temperature).astype(dtype))]
         wg = self._row_groups(vocab)
         self._launch(self.kernel("loss.cl", "loss_rows", dtype), (n * wg,), (wg,), np.int32(vocab),
                      np.int32(LOSS_KIND_CODES[kind]), real(temperature), real(beta), log_w, log_1mw,
