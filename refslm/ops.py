@@ -229,30 +229,63 @@ def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: in
     return allowed
 
 
+def group_query_heads(q: np.ndarray, n_kv_head: int, interleaved: bool) -> np.ndarray:
+    """[B, Hq, T, D] -> [B, Hkv, n_rep*T, D]: the query heads that share kv head g stacked along time.
+
+    Equivalent to repeat_kv on the keys (same GQA orders), without copying the keys: attention then
+    runs one [n_rep*T, D] x [D, Tk] product per kv head.
+    """
+    b, hq, t, d = q.shape
+    n_rep = hq // n_kv_head
+    if interleaved:  # query head h = g * n_rep + r uses kv head g
+        return q.reshape(b, n_kv_head, n_rep * t, d)
+    # query head h = r * Hkv + g uses kv head g
+    return q.reshape(b, n_rep, n_kv_head, t, d).transpose(0, 2, 1, 3, 4).reshape(b, n_kv_head, n_rep * t, d)
+
+
+def ungroup_query_heads(y: np.ndarray, n_head: int, interleaved: bool) -> np.ndarray:
+    """[B, Hkv, n_rep*T, D] -> [B, Hq, T, D]: the inverse of group_query_heads."""
+    b, hkv, rt, d = y.shape
+    n_rep = n_head // hkv
+    if interleaved:
+        return y.reshape(b, n_head, rt // n_rep, d)
+    return y.reshape(b, hkv, n_rep, rt // n_rep, d).transpose(0, 2, 1, 3, 4).reshape(b, n_head, rt // n_rep, d)
+
+
+def softmax_inplace(x: np.ndarray) -> np.ndarray:
+    """[..., N] -> the same array, overwritten with softmax over the last axis (see softmax)."""
+    x -= np.max(x, axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= np.sum(x, axis=-1, keepdims=True)
+    return x
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarray | None = None,
               causal: bool = False, q_start: int = 0, interleaved: bool = False,
               mask_fill: str = "finite_min") -> np.ndarray:
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
 
-    scores = Q K^T; masked entries set to the fill; scores / sqrt(D); softmax over keys; @ V.
+    scores = Q K^T (query head h reads kv head h % Hkv, or h // n_rep when interleaved: repeat_kv);
+    masked entries set to the fill; scores / sqrt(D); softmax over keys; @ V.
     mask_fill 'finite_min': the dtype's most negative finite value (a fully masked row becomes the
     uniform average of all values, as in the public Mu code). '-inf': masked keys get exactly zero
     weight; a fully masked row is defined as zeros (never NaN).
     """
     b, hq, tq, d = q.shape
-    n_rep = hq // k.shape[1]
-    k = repeat_kv(k, n_rep, interleaved)
-    v = repeat_kv(v, n_rep, interleaved)
-    scores = q @ k.transpose(0, 1, 3, 2)
-    allowed = attention_mask(key_mask, causal, b, tq, k.shape[2], q_start)
+    hkv, tk = k.shape[1], k.shape[2]
+    scores = group_query_heads(q, hkv, interleaved) @ k.transpose(0, 1, 3, 2)  # [B, Hkv, n_rep*Tq, Tk]
+    per_head = scores.reshape(b, hkv, hq // hkv, tq, tk)  # a view, to apply [B, 1, 1, Tq, Tk] masks
+    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start)
+    empty = None
     if allowed is not None:
+        allowed = allowed[:, :, None]
         fill = np.finfo(q.dtype).min if mask_fill == "finite_min" else -np.inf
-        scores = np.where(allowed, scores, q.dtype.type(fill))
-    scores /= q.dtype.type(math.sqrt(d))  # scores is a fresh array: scale it in place
-    if mask_fill == "-inf" and allowed is not None:
-        empty = ~np.any(allowed, axis=-1, keepdims=True)
-        scores = np.where(empty, q.dtype.type(0), scores)
-        weights = np.where(empty, q.dtype.type(0), softmax(scores, axis=-1))
-    else:
-        weights = softmax(scores, axis=-1)
-    return weights @ v
+        np.copyto(per_head, q.dtype.type(fill), where=~allowed)
+        if mask_fill == "-inf":
+            empty = ~np.any(allowed, axis=-1, keepdims=True)
+            np.copyto(per_head, q.dtype.type(0), where=empty)
+    scores /= q.dtype.type(math.sqrt(d))
+    softmax_inplace(scores)
+    if empty is not None:
+        np.copyto(per_head, q.dtype.type(0), where=empty)
+    return ungroup_query_heads(scores @ v, hq, interleaved)

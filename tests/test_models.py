@@ -357,3 +357,27 @@ def test_llama_and_phi3_match_hugging_face(layout):
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
     assert rel_err(model.logits(ids), expected) < 1e-12
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("mask_fill", ["finite_min", "-inf"])
+def test_grouped_attention_equals_repeated_kv_attention(interleaved, mask_fill):
+    """ops.attention groups query heads instead of copying keys; check it against the plain formula."""
+    from refslm import ops
+
+    rng = np.random.default_rng(12)
+    q, k, v = rng.standard_normal((2, 6, 4, 8)), rng.standard_normal((2, 3, 7, 8)), rng.standard_normal((2, 3, 7, 8))
+    key_mask = np.ones((2, 7), bool)
+    key_mask[0, :5] = False  # row 0: queries 0..1 see no key under the causal mask (q_start 3)
+    got = ops.attention(q, k, v, key_mask=key_mask, causal=True, q_start=3, interleaved=interleaved,
+                        mask_fill=mask_fill)
+    kr, vr = (ops.repeat_kv(x, 2, interleaved) for x in (k, v))
+    allowed = key_mask[:, None, None, :] & (np.arange(7)[None, :] <= 3 + np.arange(4)[:, None])
+    fill = np.finfo(np.float64).min if mask_fill == "finite_min" else -np.inf
+    scores = np.where(allowed, q @ kr.transpose(0, 1, 3, 2), fill) / np.sqrt(8)
+    with np.errstate(invalid="ignore"):
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+    expected = np.nan_to_num(weights) @ vr  # -inf: fully masked rows are zeros
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
+    assert mask_fill == "-inf" or np.abs(got[0, :, 0]).min() > 0  # finite_min: uniform average, not zeros
