@@ -6,6 +6,7 @@ the paper's public implementation; the Llama and Phi-3 decoder-only goldens are 
 Face transformers' own LlamaForCausalLM / Phi3ForCausalLM. This file never imports refslm.
 
     python golden/generate.py            # regenerate everything (byte-identical on a rerun)
+    python golden/generate.py --out DIR  # write the suite elsewhere (e.g. to compare with the committed one)
 
 Tolerances (SPEC.md section 8), measured per output, normwise (e = max|y' - y| / max|y|):
   e_run:  the same torch code run in float32 (inputs rounded to float32, all math in float32);
@@ -20,6 +21,7 @@ never below FLOOR64. Each output passes when every element satisfies
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -33,8 +35,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
-CASES_DIR = HERE / "cases"
-MANIFEST = HERE / "manifest.json"
 FORMAT_VERSION = 1
 
 F64 = torch.float64
@@ -1145,29 +1145,34 @@ def all_cases() -> list[Case]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the golden suite (manifest.json and cases/).")
+    parser.add_argument("--out", type=Path, default=HERE, help="suite directory (default: golden/)")
+    out = parser.parse_args().out
     hf_float64_patches()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    CASES_DIR.mkdir(parents=True, exist_ok=True)
+    cases_dir = out / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     names = set()
     for case in all_cases():
         assert case.name not in names, f"duplicate case name {case.name}"
         names.add(case.name)
         entry, tensors = build(case)
-        path = HERE / entry["file"]
+        path = out / entry["file"]
         save_file(tensors, str(path), metadata={"case": case.name})  # one key: the header stays byte-stable
         entry["sha256"] = sha256(path)
         entries.append(entry)
         print(f"{case.name:45s} {path.stat().st_size:9d} B")
-    for stale in CASES_DIR.glob("*.safetensors"):
+    for stale in cases_dir.glob("*.safetensors"):
         if stale.stem not in names:
             stale.unlink()
     manifest = {"format_version": FORMAT_VERSION, "generator": "golden/generate.py",
-                "tolerance_rule": {"safety": SAFETY, "floor_float32": FLOOR32, "floor_float64": FLOOR64},
+                "tolerance_rule": {"safety": SAFETY, "perturbations": PERTURBATIONS, "floor_float32": FLOOR32,
+                                   "floor_float64": FLOOR64},
                 "cases": entries}
-    MANIFEST.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-    print(f"{len(entries)} cases written to {CASES_DIR}")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{len(entries)} cases written to {cases_dir}")
 
 
 if __name__ == "__main__":
