@@ -113,7 +113,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     """[..., in], [out, in], [out] -> [..., out]: x @ W^T + b (PyTorch Linear layout)."""
     y = x @ weight.T
     if bias is not None:
-        y = y + bias
+        y += bias  # y is a fresh array
     return y
 
 
