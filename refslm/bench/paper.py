@@ -3,7 +3,8 @@
 For each size (the paper's 330M model and a small model with the same 2/3 - 1/3 split) it builds
 the encoder-decoder (ED) from random weights and the matched decoder-only baseline (DO: the same
 Mu blocks without cross-attention, the layer count that brings its parameter count closest to the
-ED's). For each installed backend and input length it measures, median of --repeat runs:
+ED's). For each installed backend and input length it measures, median of --repeat runs (ED and DO
+runs alternate):
 first-token latency (`generate` of one token), end-to-end time and throughput (new tokens / end-to-end
 time of `generate` of --new-tokens tokens), and once per size and length on the NumPy backend the
 peak memory of a generation (tracemalloc, `peak_extra_bytes`, plus the weights) and its matmul FLOPs
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,11 +80,20 @@ def _input_ids(cfg: Any, batch: int, length: int, seed: int) -> np.ndarray:
     return rng.integers(3, cfg.vocab_size, size=(batch, length), dtype=np.int64)
 
 
-def _time_generation(model: Any, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, float]:
-    """Median first-token latency and end-to-end time of greedy generation (seconds, tokens/s)."""
-    first = time_call(lambda: model.generate(ids, 1, greedy=True), repeat=repeat, warmup=0)["median_s"]
-    e2e = time_call(lambda: model.generate(ids, new_tokens, greedy=True), repeat=repeat, warmup=0)["median_s"]
-    return {"first_token_s": first, "e2e_s": e2e, "throughput_tok_s": ids.shape[0] * new_tokens / e2e}
+def _time_pair(models: dict[str, Any], ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Per model: median first-token latency (`generate` of 1 token), end-to-end time and tokens/s of greedy
+    generation. The models take turns run by run, so a change in machine load hits both alike."""
+    times: dict[str, dict[str, list[float]]] = {kind: {"first_token_s": [], "e2e_s": []} for kind in models}
+    for _ in range(repeat):
+        for kind, model in models.items():
+            for metric, count in (("first_token_s", 1), ("e2e_s", new_tokens)):
+                timing = time_call(lambda m=model, n=count: m.generate(ids, n, greedy=True), repeat=1, warmup=0)
+                times[kind][metric].append(timing["median_s"])
+    result = {}
+    for kind, series in times.items():
+        first, e2e = statistics.median(series["first_token_s"]), statistics.median(series["e2e_s"])
+        result[kind] = {"first_token_s": first, "e2e_s": e2e, "throughput_tok_s": ids.shape[0] * new_tokens / e2e}
+    return result
 
 
 def _memory_and_flops(model: Any, ids: np.ndarray, new_tokens: int) -> dict[str, Any]:
@@ -156,8 +167,8 @@ def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_to
             log(f"  skipped backend {backend}: {skipped[backend]}")
             continue
         for length in lengths:
-            result = {kind: {**_time_generation(models[kind], inputs[length], new_tokens, repeat),
-                             **static[length][kind]} for kind in configs}
+            timed = _time_pair(models, inputs[length], new_tokens, repeat)
+            result = {kind: {**timed[kind], **static[length][kind]} for kind in configs}
             row = _row(size, backend, length, new_tokens, batch, result)
             log(f"  {size} {backend} L={length}: first token ED/DO {row['first_token_ratio']:.3f}, "
                 f"throughput {row['throughput_ratio']:.2f}x, memory {row['memory_ratio']:.3f}, "
