@@ -266,8 +266,10 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
             label = f"{kind.upper()} {size} {backend}"
             ax_t.plot(lengths, [1e3 * r[f"first_token_s_{kind}"] for r in subset], style, label=label)
             ax_m.plot(lengths, [r[f"memory_bytes_{kind}"] / 2**20 for r in subset], style, label=label)
+    lengths = sorted({r["input_len"] for r in rows})
     for ax, ylabel in ((ax_t, "first-token latency (ms)"), (ax_m, "memory: weights + peak (MiB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_yscale("log")
         ax.set_xlabel("input length (tokens)")
         ax.set_ylabel(ylabel)
