@@ -5,8 +5,9 @@
  * (if given) and, if causal, j <= q_start + i. GQA: query head h reads kv head h / n_rep
  * (interleaved) or h % Hkv (block order).
  *
- * q and out are dense [B, Hq, Tq, D]; k and v are strided views [B, Hkv, Tk, D] (element offset and
- * strides of b, h, t; d contiguous) so a KV cache slice is read in place.
+ * q, k, v and out are strided views [B, H, T, D] (element offset and strides of b, h, t; d contiguous):
+ * heads split from [B, T, H*D] and KV cache slices are read in place, and out can be written in
+ * [B, Tq, Hq, D] order so that merging the heads needs no copy.
  * Build defines: HEAD_DIM, MASK_FILL_FINITE (or not), and BQ/BK (flash_attention) or WG (row_attention).
  */
 #include "common.h"
@@ -17,7 +18,8 @@
 #define FILL (-INFINITY)
 #endif
 
-#define KV_ARGS(p) __global const REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+#define VIEW_ARGS(p) __global const REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+#define OUT_ARGS(p) __global REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
 
 inline int kv_head(int h, int Hkv, int n_rep, int interleaved) {
     return interleaved ? h / n_rep : h % Hkv;
@@ -36,8 +38,8 @@ inline int key_allowed(int b, int i, int j, int Tk, int causal, int q_start, int
 __kernel __attribute__((reqd_work_group_size(BQ, 1, 1)))
 void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
                      const int interleaved, const int causal, const int q_start, const int has_mask,
-                     __global const uchar *key_mask, __global const REAL *q, KV_ARGS(k), KV_ARGS(v),
-                     __global REAL *out) {
+                     __global const uchar *key_mask, VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v),
+                     OUT_ARGS(out)) {
     __local REAL Ks[BK][HEAD_DIM];
     __local REAL Vs[BK][HEAD_DIM];
     const int lid = get_local_id(0);
@@ -49,7 +51,7 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
     const int active = i < Tq;
 
     REAL qr[HEAD_DIM], acc[HEAD_DIM];
-    __global const REAL *qrow = q + ((long)bh * Tq + (active ? i : 0)) * HEAD_DIM;
+    __global const REAL *qrow = q + q_off + b * q_sb + h * q_sh + (long)(active ? i : 0) * q_st;
     for (int d = 0; d < HEAD_DIM; d++) {
         qr[d] = qrow[d];
         acc[d] = 0;
@@ -94,7 +96,7 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     if (active) {
-        __global REAL *orow = out + ((long)bh * Tq + i) * HEAD_DIM;
+        __global REAL *orow = out + out_off + b * out_sb + h * out_sh + (long)i * out_st;
         for (int d = 0; d < HEAD_DIM; d++) orow[d] = l > 0 ? acc[d] / l : (REAL)0;
     }
 }
@@ -107,8 +109,8 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
                    const int interleaved, const int causal, const int q_start, const int has_mask,
-                   __global const uchar *key_mask, __global const REAL *q, KV_ARGS(k), KV_ARGS(v),
-                   __global REAL *out, __global REAL *scores) {
+                   __global const uchar *key_mask, VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v), OUT_ARGS(out),
+                   __global REAL *scores) {
     __local REAL qs[HEAD_DIM];
     __local REAL scratch[WG];
     const int lid = get_local_id(0);
@@ -121,7 +123,8 @@ void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, cons
     const long kbase = k_off + b * k_sb + hk * k_sh, vbase = v_off + b * v_sb + hk * v_sh;
     __global REAL *srow = scores + row * Tk;
 
-    for (int d = lid; d < HEAD_DIM; d += WG) qs[d] = q[row * HEAD_DIM + d];
+    __global const REAL *qrow = q + q_off + b * q_sb + h * q_sh + (long)i * q_st;
+    for (int d = lid; d < HEAD_DIM; d += WG) qs[d] = qrow[d];
     barrier(CLK_LOCAL_MEM_FENCE);
 
     REAL m = -INFINITY;
@@ -148,7 +151,7 @@ void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, cons
     for (int d = lid; d < HEAD_DIM; d += WG) {
         REAL acc = 0;
         for (int j = 0; j < Tk; j++) acc = fma(srow[j], v[vbase + (long)j * v_st + d], acc);
-        out[row * HEAD_DIM + d] = l > 0 ? acc / l : (REAL)0;
+        out[out_off + b * out_sb + h * out_sh + (long)i * out_st + d] = l > 0 ? acc / l : (REAL)0;
     }
 }
 #endif

@@ -54,25 +54,29 @@ __kernel void rmsnorm(const int C, const REAL eps, const int unit_offset, __glob
     }
 }
 
-/* x [B, H, T, D], cos/sin [B or 1, T, D]; layout 0 rotate_half, 1 interleaved. */
+/* out [B, H, T, D] (dense) = x * cos + rotate(x) * sin; x is a strided view (offset and strides of b, h, t
+ * in elements, d contiguous); cos/sin [B or 1, T, D]; layout 0 rotate_half, 1 interleaved. */
 __kernel void rope(const int H, const int T, const int D, const long total, const int cos_per_batch,
-                   const int interleaved, __global const REAL *x, __global const REAL *cs, __global const REAL *sn,
+                   const int interleaved, __global const REAL *x, const long x_off, const long x_sb,
+                   const long x_sh, const long x_st, __global const REAL *cs, __global const REAL *sn,
                    __global REAL *out) {
     const long i = get_global_id(0);
     if (i >= total) return;
     const int d = i % D;
     const long bht = i / D;
     const int t = bht % T;
-    const long b = bht / ((long)T * H);
+    const long bh = bht / T;
+    const long h = bh % H, b = bh / H;
+    __global const REAL *xr = x + x_off + b * x_sb + h * x_sh + t * x_st;
     const long c = (cos_per_batch ? b * T : 0) * D + (long)t * D + d;
     REAL rotated;
     if (interleaved) {
-        rotated = (d % 2 == 0) ? -x[i + 1] : x[i - 1];
+        rotated = (d % 2 == 0) ? -xr[d + 1] : xr[d - 1];
     } else {
         const int half_d = D / 2;
-        rotated = (d < half_d) ? -x[i + half_d] : x[i - half_d];
+        rotated = (d < half_d) ? -xr[d + half_d] : xr[d - half_d];
     }
-    out[i] = x[i] * cs[c] + rotated * sn[c];
+    out[i] = xr[d] * cs[c] + rotated * sn[c];
 }
 
 /* One work-group per row of x [rows, N]: out = exp(x - max) / sum exp(x - max). */

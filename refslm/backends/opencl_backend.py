@@ -33,7 +33,6 @@ from .base import Backend
 
 try:
     import pyopencl as cl
-    import pyopencl.array as cla
     import pyopencl.tools as cl_tools
 except ImportError as exc:  # the registry turns this into BackendUnavailable
     raise ImportError(f"pyopencl is not installed ({exc}); install the extra: pip install 'refslm[opencl]'") from exc
@@ -155,6 +154,64 @@ def select_device(spec: str | None = None) -> tuple[cl.Platform, cl.Device, cl.C
     raise BackendUnavailable("no usable OpenCL device:\n" + "\n".join(refusals))
 
 
+def _dense_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order strides in elements."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+class DeviceArray:
+    """The opencl backend's array: a strided view of a device buffer (strides and offset in elements).
+
+    Deliberately thin (creating one costs about a microsecond; decode steps create hundreds):
+    shape, dtype, ndim, size, strides, offset, data (the cl.Buffer), reshape of dense arrays and
+    transpose views. Host copies go through OpenCLBackend.to_numpy.
+    """
+
+    __slots__ = ("data", "shape", "dtype", "strides", "offset", "keep")
+
+    def __init__(self, data, shape: tuple[int, ...], dtype: np.dtype, strides: tuple[int, ...] | None = None,
+                 offset: int = 0, keep: object = None):
+        self.data = data
+        self.shape = shape
+        self.dtype = dtype
+        self.strides = _dense_strides(shape) if strides is None else strides
+        self.offset = offset
+        self.keep = keep  # what must live as long as the array (a pending upload's event)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_dense(self) -> bool:
+        """C-contiguous from the start of the buffer (what every kernel but copy4d and attention reads)."""
+        return self.offset == 0 and all(n == 1 or s == d for n, s, d in
+                                        zip(self.shape, self.strides, _dense_strides(self.shape), strict=True))
+
+    def reshape(self, *shape: int) -> DeviceArray:
+        """A view with another shape (dense arrays only)."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else tuple(shape)
+        if not self.is_dense or math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape {self!r} to {shape}")
+        return DeviceArray(self.data, shape, self.dtype, keep=self.keep)
+
+    def transpose(self, axes: tuple[int, ...]) -> DeviceArray:
+        """A view with the axes permuted (no copy)."""
+        return DeviceArray(self.data, tuple(self.shape[a] for a in axes), self.dtype,
+                           tuple(self.strides[a] for a in axes), self.offset, self.keep)
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, strides={self.strides}, offset={self.offset})"
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -198,7 +255,7 @@ class OpenCLBackend(Backend):
         self.group_size = min(256, self.device.max_work_group_size)  # row and elementwise kernels
         self.row_attention_max_tq = row_attention_max_tq
         self._kernels: dict[tuple, cl.Kernel] = {}
-        self._uploads: OrderedDict[tuple, cla.Array] = OrderedDict()
+        self._uploads: OrderedDict[tuple, DeviceArray] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"OpenCLBackend({self.device_name!r})"
@@ -252,13 +309,14 @@ class OpenCLBackend(Backend):
 
     # ---------------------------------------------------------------- data movement
 
-    def _new(self, shape: tuple[int, ...], dtype) -> cla.Array:
-        return cla.empty(self.queue, tuple(int(s) for s in shape), np.dtype(dtype), allocator=self.allocator)
+    def _new(self, shape: tuple[int, ...], dtype) -> DeviceArray:
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        return DeviceArray(self.allocator(max(math.prod(shape), 1) * dtype.itemsize), shape, dtype)
 
     def _real(self, dtype) -> type:
         return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
-    def _check_dtype(self, *arrays: cla.Array) -> np.dtype:
+    def _check_dtype(self, *arrays: DeviceArray) -> np.dtype:
         dtype = arrays[0].dtype
         if dtype.name not in self.dtypes:
             raise TypeError(f"opencl backend on {self.device_name} computes in {self.dtypes}, got {dtype}")
@@ -267,14 +325,17 @@ class OpenCLBackend(Backend):
                 raise TypeError(f"operands must share one dtype, got {dtype} and {a.dtype}")
         return dtype
 
-    def asarray(self, x: np.ndarray) -> cla.Array:
+    def asarray(self, x: np.ndarray) -> DeviceArray:
         """Host array -> device array (once per weight); float16 weight storage halves 2-D float matrices."""
         x = np.ascontiguousarray(x)
         if self.weight_storage == "float16" and x.ndim == 2 and x.dtype.kind == "f":
             x = x.astype(np.float16)
-        return cla.to_device(self.queue, x, allocator=self.allocator)
+        out = self._new(x.shape, x.dtype)
+        if x.size:
+            cl.enqueue_copy(self.queue, out.data, x, is_blocking=True)
+        return out
 
-    def upload(self, host: np.ndarray) -> cla.Array:
+    def upload(self, host: np.ndarray) -> DeviceArray:
         """A small per-call host input (ids, masks, cos/sin) on the device, without waiting for the queue.
 
         The copy is enqueued without blocking; the device array is kept in a small cache keyed by the
@@ -285,7 +346,9 @@ class OpenCLBackend(Backend):
         key = (host.dtype.str, host.shape, host.tobytes())
         cached = self._uploads.get(key)
         if cached is None:
-            cached = cla.to_device(self.queue, host, allocator=self.allocator, async_=True)
+            cached = self._new(host.shape, host.dtype)
+            if host.size:  # the event holds the host buffer until the copy is done
+                cached.keep = cl.enqueue_copy(self.queue, cached.data, host, is_blocking=False)
             self._uploads[key] = cached
             if len(self._uploads) > UPLOAD_CACHE_SIZE:
                 self._uploads.popitem(last=False)
@@ -293,13 +356,17 @@ class OpenCLBackend(Backend):
             self._uploads.move_to_end(key)
         return cached
 
-    def to_numpy(self, x: cla.Array) -> np.ndarray:
-        return self._dense(x).get()
+    def to_numpy(self, x: DeviceArray) -> np.ndarray:
+        x = self._dense(x)
+        host = np.empty(x.shape, x.dtype)
+        if host.size:
+            cl.enqueue_copy(self.queue, host, x.data, is_blocking=True)
+        return host
 
-    def empty(self, shape, dtype) -> cla.Array:
+    def empty(self, shape, dtype) -> DeviceArray:
         return self._new(shape, dtype)
 
-    def _copy(self, src: cla.Array, dst: cla.Array) -> None:
+    def _copy(self, src: DeviceArray, dst: DeviceArray) -> None:
         """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
         if src.shape != dst.shape or src.dtype != dst.dtype or src.ndim > 4:
             raise ValueError(f"copy needs equal shapes and dtypes (<= 4-D), got {src.shape} {src.dtype} "
@@ -308,20 +375,18 @@ class OpenCLBackend(Backend):
             return
         pad = 4 - src.ndim
         shape = (1,) * pad + src.shape
-        item = src.dtype.itemsize
 
         def layout(a):
-            strides = (0,) * pad + tuple(s // item for s in a.strides)
-            return (a.base_data, np.int64(a.offset // item), *(np.int64(s) for s in strides))
+            return (a.data, np.int64(a.offset), *(np.int64(s) for s in (0,) * pad + a.strides))
 
         global_size, local_size = self._elementwise_size(src.size)
         self._launch(self.kernel("elementwise.cl", "copy4d", src.dtype), global_size, local_size,
                      np.int32(shape[1]), np.int32(shape[2]), np.int32(shape[3]), np.int64(src.size),
                      *layout(src), *layout(dst))
 
-    def _dense(self, x: cla.Array) -> cla.Array:
+    def _dense(self, x: DeviceArray) -> DeviceArray:
         """x itself if C-contiguous at offset 0, else a dense copy."""
-        if x.flags.c_contiguous and x.offset == 0:
+        if x.is_dense:
             return x
         out = self._new(x.shape, x.dtype)
         self._copy(x, out)
@@ -331,12 +396,13 @@ class OpenCLBackend(Backend):
         t = x.shape[-2]
         if buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] or not 0 <= start <= buf.shape[-2] - t:
             raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
-        self._copy(x, buf[..., start:start + t, :])
+        self._copy(x, self.time_slice(buf, start, start + t))
 
     def time_slice(self, x, start, stop):
         if not 0 <= start <= stop <= x.shape[-2]:
             raise ValueError(f"time_slice: need 0 <= start <= stop <= {x.shape[-2]}, got {start}:{stop}")
-        return x[..., start:stop, :]
+        return DeviceArray(x.data, (*x.shape[:-2], stop - start, x.shape[-1]), x.dtype, x.strides,
+                           x.offset + start * x.strides[-2], x.keep)
 
     # ---------------------------------------------------------------- dense ops
 
@@ -384,7 +450,7 @@ class OpenCLBackend(Backend):
                          (lx, ly), *args)
         return out
 
-    def _map(self, name: str, out_like: cla.Array, *args) -> cla.Array:
+    def _map(self, name: str, out_like: DeviceArray, *args) -> DeviceArray:
         """Run an elementwise kernel of elementwise.cl: kernel(total, *args, out)."""
         out = self._new(out_like.shape, out_like.dtype)
         if out.size:
@@ -454,15 +520,13 @@ class OpenCLBackend(Backend):
         b, t, width = x.shape
         if width % n_head:
             raise ValueError(f"split_heads: width {width} is not divisible by n_head={n_head}")
-        view = self._dense(x).reshape(b, t, n_head, width // n_head).transpose((0, 2, 1, 3))
-        return self._dense(view)
+        return self._dense(x).reshape(b, t, n_head, width // n_head).transpose((0, 2, 1, 3))  # a view
 
     def merge_heads(self, x):
         b, h, t, d = x.shape
-        return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)
+        return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)  # free for attention's output
 
     def rope(self, x, cos, sin, layout):
-        x = self._dense(x)
         dtype = self._check_dtype(x)
         b, h, t, d = x.shape
         if layout not in ("rotate_half", "interleaved"):
@@ -476,18 +540,16 @@ class OpenCLBackend(Backend):
             cos_d, sin_d = self.upload(cos.astype(dtype)), self.upload(sin.astype(dtype))
             self._launch(self.kernel("elementwise.cl", "rope", dtype), *self._elementwise_size(out.size),
                          np.int32(h), np.int32(t), np.int32(d), np.int64(out.size), np.int32(cos.shape[0] > 1),
-                         np.int32(layout == "interleaved"), x.data, cos_d.data, sin_d.data, out.data)
+                         np.int32(layout == "interleaved"), *self._bhtd_args(x), cos_d.data, sin_d.data, out.data)
         return out
 
-    def _kv_args(self, a: cla.Array) -> tuple:
+    def _bhtd_args(self, a: DeviceArray) -> tuple:
         """A [B, H, T, D] view with contiguous D -> (buffer, offset, stride b, stride h, stride t) in elements."""
-        item = a.dtype.itemsize
-        if a.strides[3] != item and a.shape[3] > 1:
-            raise ValueError(f"attention needs keys/values with a contiguous last axis, got strides {a.strides}")
-        return (a.base_data, np.int64(a.offset // item), *(np.int64(s // item) for s in a.strides[:3]))
+        if a.ndim != 4 or (a.strides[3] != 1 and a.shape[3] > 1):
+            raise ValueError(f"expected a [B, H, T, D] array with a contiguous last axis, got {a!r}")
+        return (a.data, np.int64(a.offset), *(np.int64(s) for s in a.strides[:3]))
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
-        q = self._dense(q)
         dtype = self._check_dtype(q, k, v)
         if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
             raise ValueError(f"attention needs q [B, Hq, Tq, D] and k = v [B, Hkv, Tk, D], got q {q.shape}, "
@@ -502,7 +564,7 @@ class OpenCLBackend(Backend):
             key_mask = np.asarray(key_mask, dtype=bool)
             if key_mask.shape != (b, tk):
                 raise ValueError(f"key_mask must have shape ({b}, {tk}), got {key_mask.shape}")
-        out = self._new(q.shape, dtype)
+        out = self._new((b, tq, hq, d), dtype).transpose((0, 2, 1, 3))  # [B, Hq, Tq, D]: merge_heads is free
         if out.size == 0:
             return out
         if tk == 0:
@@ -511,7 +573,8 @@ class OpenCLBackend(Backend):
         fill = {"MASK_FILL_FINITE": 1} if mask_fill == "finite_min" else {}
         args = (np.int32(hq), np.int32(hkv), np.int32(tq), np.int32(tk), np.int32(hq // hkv),
                 np.int32(bool(interleaved)), np.int32(bool(causal)), np.int32(q_start),
-                np.int32(key_mask is not None), mask.data, q.data, *self._kv_args(k), *self._kv_args(v), out.data)
+                np.int32(key_mask is not None), mask.data, *self._bhtd_args(q), *self._bhtd_args(k),
+                *self._bhtd_args(v), *self._bhtd_args(out))
         if tq <= self.row_attention_max_tq:
             wg = min(64, self.group_size)
             scores = self._new((b * hq * tq, tk), dtype)
@@ -558,7 +621,7 @@ class OpenCLBackend(Backend):
             targets = np.zeros(1, np.int64)
         kind = self._resolve_loss_kind(kind, beta)
         if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != dtype
-                                     or not grad_out.flags.c_contiguous or grad_out.offset):
+                                     or not grad_out.is_dense):
             raise ValueError(f"grad_out must be a dense device array of shape {student.shape} and dtype {dtype}")
         grad = grad_out if grad_out is not None else self._new(student.shape, dtype)
         if n == 0:
@@ -577,13 +640,13 @@ class OpenCLBackend(Backend):
                      real(label_smoothing / vocab), real(1.0 - label_smoothing), student.data, teacher.data,
                      upload[0].data, upload[1].data, upload[2].data, values.data, grad.data, status.data,
                      cl.LocalMemory(wg * dtype.itemsize), cl.LocalMemory(wg * np.dtype(acc).itemsize))
-        bad = status.get()
+        bad = self.to_numpy(status)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             name = "student" if bad[i] == 1 else "teacher"
             raise ValueError(f"{name} logits row {i} must hold finite values or -inf with at least one finite "
                              "value (found NaN, +inf, or only -inf)")
-        return values.get().astype(np.float64), grad
+        return self.to_numpy(values).astype(np.float64), grad
 
     @staticmethod
     def _check_targets(targets, n: int, vocab: int, kept: np.ndarray) -> np.ndarray:
