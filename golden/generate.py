@@ -22,6 +22,7 @@ never below FLOOR64. Each output passes when every element satisfies
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -1137,11 +1138,150 @@ def generate_cases() -> list[Case]:
     return cases
 
 
+# ------------------------------------------------------------------ alignment (SPEC.md section 7)
+
+
+def ragged(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (concatenated ids, lengths), both int64."""
+    return (torch.tensor([x for row in rows for x in row], dtype=torch.int64),
+            torch.tensor([len(row) for row in rows], dtype=torch.int64))
+
+
+def paper_alignment_case() -> Case:
+    """The paper's KD batch from the public code's facts: student batch, teacher batch, index map, gather."""
+    enc, dec, pad, bos = 5, 4, 0, 1
+    sources = [[11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31]]  # the second is longer than enc: keep its start
+    targets = [[41, 42, 2], [51, 52, 53, 2], [61]]
+    g = generator("align_paper_batch")
+    source_ids, source_lengths = ragged(sources)
+    target_ids, target_lengths = ragged(targets)
+    logits = randn(g, 3, enc + dec, 16)
+
+    def compute(t):
+        encoder_input = torch.full((3, enc), pad)
+        labels = torch.full((3, dec), pad)
+        teacher = torch.full((3, enc + dec), pad)
+        for b, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+            src = src[:enc]  # truncation_side "right": the end of a long source is dropped
+            encoder_input[b, :len(src)] = torch.tensor(src)  # student: right padding
+            labels[b, :len(tgt)] = torch.tensor(tgt)
+            teacher[b, enc - len(src):enc] = torch.tensor(src)  # teacher: source LEFT-padded ...
+            teacher[b, enc:enc + len(tgt)] = torch.tensor(tgt)  # ... then the target right-padded
+        decoder_input = torch.cat([torch.full((3, 1), bos), labels[:, :-1]], 1)
+        index_map = (enc - 1 + torch.arange(dec)).expand(3, dec)  # position enc-1+t predicts target token t
+        valid = torch.arange(dec)[None] < torch.tensor([len(x) for x in targets])[:, None]
+        gathered = torch.where(valid[..., None], t["input.teacher_logits"][torch.arange(3)[:, None], index_map],
+                               torch.zeros((), dtype=t["input.teacher_logits"].dtype))
+        return {"output.encoder_input_ids": encoder_input, "output.decoder_input_ids": decoder_input,
+                "output.labels": labels, "output.teacher_input_ids": teacher,
+                "output.teacher_attention_mask": (teacher != pad).long(), "output.index_map": index_map.contiguous(),
+                "output.valid": valid.long(), "output.gathered_teacher_logits": gathered}
+
+    return Case("align_paper_batch", "align", "the paper's KD alignment: student batch (source truncated to "
+                "encoder_len 5 and right-padded, decoder input [BOS] + labels[:-1]), teacher batch (source "
+                "LEFT-padded + target right-padded), index map enc-1+t, valid = real target tokens, gathered "
+                "teacher logits (0 where not valid)",
+                {"input.source_ids": source_ids, "input.source_lengths": source_lengths, "input.target_ids": target_ids,
+                 "input.target_lengths": target_lengths, "input.teacher_logits": logits},
+                compute, {"mode": "paper", "encoder_len": enc, "decoder_len": dec, "pad_id": pad, "bos_id": bos})
+
+
+KIND_CODES = {"unaligned": 0, "1:1": 1, "many:1": 2}
+
+
+def edit_distance(a: bytes, b: bytes) -> int:
+    """Levenshtein distance by plain recursion (a second, independent implementation for the golden)."""
+    @functools.cache
+    def d(i, j):
+        if i == 0 or j == 0:
+            return i + j
+        return min(d(i - 1, j) + 1, d(i, j - 1) + 1, d(i - 1, j - 1) + (a[i - 1] != b[j - 1]))
+
+    return d(len(a), len(b))
+
+
+def monotone_paths(n, m):
+    """Every path from (0, 0) to (n-1, m-1) advancing i, j or both by one."""
+    if (n, m) == (1, 1):
+        return [[(0, 0)]]
+    paths = []
+    for di, dj in ((1, 1), (1, 0), (0, 1)):
+        if n - di >= 1 and m - dj >= 1:
+            paths += [p + [(n - 1, m - 1)] for p in monotone_paths(n - di, m - dj)]
+    return paths
+
+
+def spec_token_alignment(text_len, s_offsets, t_offsets, s_surfaces, t_surfaces):
+    """SPEC.md cross-tokenizer alignment, brute force: units, shared-start blocks, the least-cost monotone path
+    (asserted unique, so no tie rule is involved), closest teacher token per student token, kinds."""
+    def units(offsets):
+        starts = sorted({o[0] for o in offsets})
+        bounds = [0, *starts[1:], text_len]
+        span = {st: (bounds[k], bounds[k + 1]) for k, st in enumerate(starts)}
+        return [span[o[0]] for o in offsets]
+
+    s_spans, t_spans = units(s_offsets), units(t_offsets)
+    shared = sorted({a for a, _ in s_spans} & {a for a, _ in t_spans})
+    index, kind, blocks = [-1] * len(s_offsets), ["unaligned"] * len(s_offsets), []
+    for lo, hi in zip(shared, [*shared[1:], text_len], strict=True):
+        s_in = [i for i, sp in enumerate(s_spans) if lo <= sp[0] < hi]
+        t_in = [j for j, sp in enumerate(t_spans) if lo <= sp[0] < hi]
+        if lo == hi or not s_in or not t_in:
+            continue
+        blocks.append([s_in[0], s_in[-1] + 1, t_in[0], t_in[-1] + 1])
+        cost = [[edit_distance(s_surfaces[i], t_surfaces[j]) for j in t_in] for i in s_in]
+        scored = sorted((sum(cost[i][j] for i, j in p), p) for p in monotone_paths(len(s_in), len(t_in)))
+        assert len(scored) == 1 or scored[0][0] < scored[1][0], "choose tokens with a unique least-cost path"
+        path = scored[0][1]
+        for i in range(len(s_in)):
+            on_path = [j for ii, j in path if ii == i]
+            closest = min(cost[i][j] for j in on_path)
+            assert [cost[i][j] for j in on_path].count(closest) == 1, "choose tokens without a tie"
+            j = next(j for j in on_path if cost[i][j] == closest)
+            one_to_one = len(on_path) == 1 and sum(jj == j for _, jj in path) == 1 and \
+                s_spans[s_in[i]] == t_spans[t_in[j]]
+            index[s_in[i]], kind[s_in[i]] = t_in[j], "1:1" if one_to_one else "many:1"
+    return index, kind, blocks
+
+
+def cross_tokenizer_case() -> Case:
+    """Two hand-made tokenizations of one text (offsets and byte surfaces), as two tokenizers would give."""
+    text = "low lower unhappy!"
+    student = [((0, 3), b"low"), ((3, 9), b" lower"), ((9, 12), b" un"), ((12, 17), b"happy"), ((17, 18), b"!"),
+               ((18, 18), b"")]  # the last: a zero-width token at the end (unaligned)
+    teacher = [((0, 2), b"lo"), ((2, 3), b"w"), ((3, 7), b" low"), ((7, 9), b"er"), ((9, 13), b" unh"),
+               ((13, 16), b"app"), ((16, 17), b"y"), ((17, 18), b"!")]
+
+    def tensors(tokens, side):
+        surfaces = [list(sf) for _, sf in tokens]
+        data, lengths = ragged(surfaces)
+        return {f"input.{side}_offsets": torch.tensor([o for o, _ in tokens], dtype=torch.int64),
+                f"input.{side}_surface_bytes": data, f"input.{side}_surface_lengths": lengths}
+
+    def compute(t):
+        index, kind, blocks = spec_token_alignment(len(text), [o for o, _ in student], [o for o, _ in teacher],
+                                                   [sf for _, sf in student], [sf for _, sf in teacher])
+        return {"output.teacher_index": torch.tensor(index), "output.kind": torch.tensor([KIND_CODES[k] for k in kind]),
+                "output.blocks": torch.tensor(blocks, dtype=torch.int64)}
+
+    inputs = {"input.text_codepoints": torch.tensor([ord(c) for c in text], dtype=torch.int64),
+              **tensors(student, "student"), **tensors(teacher, "teacher")}
+    return Case("align_cross_tokenizer", "align", "cross-tokenizer alignment (token_align.align_offsets) of two "
+                "tokenizations of 'low lower unhappy!': shared-start blocks, DTW over Levenshtein costs of token "
+                "bytes, closest teacher token; kinds coded unaligned 0, 1:1 1, many:1 2", inputs, compute,
+                {"mode": "cross_tokenizer", "kind_codes": KIND_CODES})
+
+
+def align_cases() -> list[Case]:
+    return [paper_alignment_case(), cross_tokenizer_case()]
+
+
 # ------------------------------------------------------------------ main
 
 
 def all_cases() -> list[Case]:
-    return op_cases() + mu_model_cases() + hf_model_cases() + loss_cases() + generate_cases()
+    return (op_cases() + mu_model_cases() + hf_model_cases() + loss_cases() + generate_cases()
+            + align_cases())
 
 
 def main() -> None:

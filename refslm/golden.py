@@ -350,12 +350,49 @@ def _run_loss_rows(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: s
     return {"output.values": np.asarray(values), "output.grad": backend.to_numpy(grad)}
 
 
+def _split(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Concatenated ids and row lengths -> the rows."""
+    return np.split(ids, np.cumsum(lengths)[:-1])
+
+
+def _run_align(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
+    """The paper's KD alignment (refslm.align) or cross-tokenizer alignment (refslm.token_align.align_offsets)."""
+    a = case.attributes
+    if a["mode"] == "cross_tokenizer":
+        from .token_align import align_offsets
+
+        text = "".join(chr(c) for c in t["input.text_codepoints"])
+        surfaces = {side: [bytes(row.astype(np.uint8)) for row in _split(t[f"input.{side}_surface_bytes"],
+                                                                           t[f"input.{side}_surface_lengths"])]
+                    for side in ("student", "teacher")}
+        result = align_offsets(text, t["input.student_offsets"], t["input.teacher_offsets"], surfaces["student"],
+                               surfaces["teacher"])
+        return {"output.teacher_index": result.teacher_index,
+                "output.kind": np.array([a["kind_codes"][k] for k in result.kind], dtype=np.int64),
+                "output.blocks": np.array(result.blocks, dtype=np.int64).reshape(-1, 4)}
+    from . import align
+
+    layout = align.PaperLayout(a["encoder_len"], a["decoder_len"], pad_id=a["pad_id"], bos_id=a["bos_id"])
+    sources = _split(t["input.source_ids"], t["input.source_lengths"])
+    targets = _split(t["input.target_ids"], t["input.target_lengths"])
+    student = align.student_batch(sources, targets, layout)
+    teacher = align.paper_teacher_batch(sources, targets, layout)
+    index_map, valid = align.index_map(teacher, a["decoder_len"])
+    return {"output.encoder_input_ids": student.encoder_input_ids,
+            "output.decoder_input_ids": student.decoder_input_ids, "output.labels": student.labels,
+            "output.teacher_input_ids": teacher.input_ids,
+            "output.teacher_attention_mask": teacher.attention_mask, "output.index_map": index_map,
+            "output.valid": valid, "output.gathered_teacher_logits":
+            align.gather_teacher_logits(t["input.teacher_logits"], index_map, valid)}
+
+
 RUNNERS: dict[str, Runner] = {
     "op": Runner(_run_op, lambda case: case.attributes["op"] not in HOST_OPS),
     "model": Runner(_run_model),
     "loss": Runner(_run_loss, lambda case: case.attributes.get("form") != "streaming"),
     "loss_rows": Runner(_run_loss_rows),
     "generate": Runner(_run_generate),
+    "align": Runner(_run_align, lambda case: False),
 }
 
 

@@ -47,7 +47,7 @@ def statuses(results: list[golden.Result]) -> set[str]:
 
 def test_manifest_is_complete_and_files_match_hashes():
     kinds = {c.kind for c in CASES}
-    assert {"op", "model", "loss", "loss_rows", "generate"} <= kinds
+    assert {"op", "model", "loss", "loss_rows", "generate", "align"} <= kinds
     total = 0
     for c in CASES:
         assert golden.hash_problem(c) is None, c.name
