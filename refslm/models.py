@@ -270,8 +270,13 @@ def init(config: Config, seed: int = 0, dtype: str = "float32", backend: str | B
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
-        draw = rng.standard_normal(shape)
-        params[name] = 1.0 + INIT_NORM_STD * draw if _is_norm(name) else INIT_STD * draw
+        draw = rng.standard_normal(shape)  # scaled in place: 330M float64 draws are large
+        if _is_norm(name):
+            draw *= INIT_NORM_STD
+            draw += 1.0
+        else:
+            draw *= INIT_STD
+        params[name] = draw
     return from_params(config, params, dtype=dtype, backend=backend)
 
 
