@@ -105,7 +105,7 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
 #ifdef WG
 /* One work-group of WG work-items per (b, h, query row), for few query rows (decode steps over a KV
  * cache): scores of all keys in parallel into `scores` [B*Hq*Tq, Tk], then max, sum and the weighted
- * sum of V with work-items spread over D. Global (WG * B*Hq*Tq). */
+ * sum of V with work-items spread over D and key subsets. Global (WG * B*Hq*Tq). */
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
                    const int interleaved, const int causal, const int q_start, const int has_mask,
@@ -148,10 +148,26 @@ void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, cons
     }
     l = group_sum(l, scratch);  /* its barriers also make srow visible to the whole work-group */
     barrier(CLK_GLOBAL_MEM_FENCE);
+    __global REAL *orow = out + out_off + b * out_sb + h * out_sh + (long)i * out_st;
+#if WG >= HEAD_DIM
+    /* WG / HEAD_DIM groups of work-items each sum a strided subset of the keys for every d. */
+    const int groups = WG / HEAD_DIM, d = lid % HEAD_DIM, g = lid / HEAD_DIM;
+    REAL acc = 0;
+    if (g < groups)
+        for (int j = g; j < Tk; j += groups) acc = fma(srow[j], v[vbase + (long)j * v_st + d], acc);
+    scratch[lid] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < HEAD_DIM) {
+        REAL total = 0;
+        for (int r = 0; r < groups; r++) total += scratch[r * HEAD_DIM + lid];
+        orow[lid] = l > 0 ? total / l : (REAL)0;
+    }
+#else
     for (int d = lid; d < HEAD_DIM; d += WG) {
         REAL acc = 0;
         for (int j = 0; j < Tk; j++) acc = fma(srow[j], v[vbase + (long)j * v_st + d], acc);
-        out[out_off + b * out_sb + h * out_sh + (long)i * out_st + d] = l > 0 ? acc / l : (REAL)0;
+        orow[d] = l > 0 ? acc / l : (REAL)0;
     }
+#endif
 }
 #endif

@@ -576,7 +576,7 @@ class OpenCLBackend(Backend):
                 np.int32(key_mask is not None), mask.data, *self._bhtd_args(q), *self._bhtd_args(k),
                 *self._bhtd_args(v), *self._bhtd_args(out))
         if tq <= self.row_attention_max_tq:
-            wg = min(64, self.group_size)
+            wg = self.group_size
             scores = self._new((b * hq * tq, tk), dtype)
             self._launch(self.kernel("attention.cl", "row_attention", dtype, HEAD_DIM=d, WG=wg, **fill),
                          (b * hq * tq * wg,), (wg,), *args, scores.data)
