@@ -464,3 +464,19 @@ def test_backend_argument_uses_the_named_kernel():
     np.testing.assert_array_equal(losses.reverse_kl(s, t, backend="numpy")[1], losses.reverse_kl(s, t)[1])
     with pytest.raises(ValueError, match="backend must be one of"):
         losses.reverse_kl(s, t, backend="cuda")
+
+
+@pytest.mark.parametrize("name", ["numba", "opencl"])
+def test_other_backends_agree_with_numpy_float32(name):
+    from refslm.backends import available_backends
+
+    if name not in available_backends():
+        pytest.skip(f"backend {name} not available")
+    s, t = logits(71, (2, 5, 300), dtype=np.float32), logits(72, (2, 5, 290), dtype=np.float32)
+    y = np.random.default_rng(73).integers(0, 300, (2, 5))
+    for divergence in ("reverse_kl", "jsd"):
+        v, g = losses.kd_loss(s, t, y, divergence=divergence, vocab_policy="truncate", temperature=1.5)
+        v2, g2 = losses.kd_loss(s, t, y, divergence=divergence, vocab_policy="truncate", temperature=1.5, backend=name)
+        assert g2.dtype == np.float32
+        np.testing.assert_allclose(v2, v, rtol=1e-5)
+        np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-7)
