@@ -56,6 +56,11 @@ def _safe_exp_sum(*logs: np.ndarray) -> np.ndarray:
     return np.where(np.isneginf(logs[0]) | np.isneginf(logs[1]), 0.0, out).astype(logs[0].dtype, copy=False)
 
 
+# (kind, beta) that are exactly a plain KL (TRL's special cases for jsd; the skews at alpha 0)
+_PLAIN_KL_CASES = {("jsd", 0.0): "forward_kl", ("jsd", 1.0): "reverse_kl", ("skew_kl", 0.0): "forward_kl",
+                   ("skew_reverse_kl", 0.0): "reverse_kl"}
+
+
 def _terms(kind: str, log_q: np.ndarray, other: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-entry value terms and gradient terms of one loss kind, both [n, v].
 
@@ -64,10 +69,7 @@ def _terms(kind: str, log_q: np.ndarray, other: np.ndarray, beta: float) -> tupl
     Returns (e, a): the row value is sum_j e_j and the gradient w.r.t. z is a - q * sum_j a_j, where
     a_j = q_j * dL/dq_j (constants that cancel in a - q sum a are dropped).
     """
-    if kind == "jsd" and beta == 0.0 or kind in ("skew_kl", "skew_reverse_kl") and beta == 0.0:
-        kind = "reverse_kl" if kind == "skew_reverse_kl" else "forward_kl"
-    if kind == "jsd" and beta == 1.0:
-        kind = "reverse_kl"
+    kind = _PLAIN_KL_CASES.get((kind, beta), kind)
     if kind == "cross_entropy":  # e = -w log q, a = -w
         e = np.where(other > 0, -other * log_q, 0.0).astype(log_q.dtype, copy=False)
         return e, -other
