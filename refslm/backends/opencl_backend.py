@@ -243,6 +243,7 @@ class OpenCLBackend(Backend):
         self.has_fp64 = "cl_khr_fp64" in extensions
         self.has_fp16 = "cl_khr_fp16" in extensions
         self.dtypes = ("float32", "float64") if self.has_fp64 else ("float32",)
+        self._compute_dtypes = {np.dtype(name) for name in self.dtypes}
         self.is_gpu = bool(self.device.type & (cl.device_type.GPU | cl.device_type.ACCELERATOR))
         if weight_storage not in ("compute", "float16"):
             raise ValueError(f"weight_storage must be 'compute' or 'float16', got {weight_storage!r}")
@@ -318,7 +319,7 @@ class OpenCLBackend(Backend):
 
     def _check_dtype(self, *arrays: DeviceArray) -> np.dtype:
         dtype = arrays[0].dtype
-        if dtype.name not in self.dtypes:
+        if dtype not in self._compute_dtypes:
             raise TypeError(f"opencl backend on {self.device_name} computes in {self.dtypes}, got {dtype}")
         for a in arrays[1:]:
             if a.dtype != dtype:
