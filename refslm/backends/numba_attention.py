@@ -1,0 +1,189 @@
+"""Fused attention for the numba backend: one kernel, online softmax over key blocks.
+
+For every (batch, query head, tile of QUERY_TILE queries) the kernel walks the keys in blocks of
+KEY_BLOCK: scores of the block (a register-blocked micro-kernel), mask, scale, a running max and
+running sum per query row (the online softmax), and the weighted sum of the block's values. The
+[Tq, Tk] score matrix is never formed: extra memory is O(QUERY_TILE x (D + KEY_BLOCK)) per thread.
+Causal tiles skip the key blocks after their last query. Decode (Tq = 1) is the same kernel with
+one tile per head; the KV cache is read once.
+
+Semantics are those of refslm.ops.attention exactly (only rounding differs): a masked key gets
+weight exactly 0; a query row with no allowed key gets the mean of all Tk values (mask_fill
+'finite_min', what the reference's uniform softmax over equal fills gives) or zeros ('-inf').
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+
+from .numba_math import LANES, fexp, stack_tile
+
+KEY_BLOCK = LANES  # keys per block (one micro-kernel tile wide)
+QUERY_TILE = LANES  # queries per task (the lanes of the score micro-kernel)
+
+
+def _tile_rows(x):
+    """Rows of a micro-kernel tile: 4 for float32, 2 for float64 (16 vector accumulators either way)."""
+
+
+@overload(_tile_rows)
+def _tile_rows_overload(x):
+    rows = 4 if x.dtype.bitwidth == 32 else 2  # a compile-time constant, so the tile lives in registers
+    return lambda x: rows
+
+
+@njit(cache=True)
+def _scores_block(kb, qt, st, nk, dp):
+    """st[:nk, :] = kb[:nk, :dp] @ qt[:dp, :]: kb [KEY_BLOCK, Dp], qt [Dp, QUERY_TILE], st [KEY_BLOCK, QUERY_TILE].
+
+    Scores are stored key-major (transposed), so the softmax over keys is elementwise over queries.
+    """
+    rows = _tile_rows(st)
+    acc = stack_tile(rows, st.dtype)
+    for j0 in range(0, nk, rows):
+        for a in range(rows):
+            for u in range(LANES):
+                acc[a, u] = 0
+        for d in range(dp):
+            qrow = qt[d]
+            for a in range(rows):
+                ka = kb[j0 + a, d]
+                for u in range(LANES):
+                    acc[a, u] += ka * qrow[u]
+        for a in range(rows):
+            for u in range(LANES):
+                st[j0 + a, u] = acc[a, u]
+
+
+@njit(cache=True)
+def _accumulate_values(pt, vb, o, rescale, nq, nk, dp):
+    """o[:nq] = o[:nq] * rescale[:nq, None] + pt[:nk, :nq]^T @ vb[:nk, :dp].
+
+    pt [KEY_BLOCK, QUERY_TILE] weights (key-major), vb [KEY_BLOCK, Dp], o [QUERY_TILE, Dp].
+    """
+    rows = _tile_rows(o)
+    acc = stack_tile(rows, o.dtype)
+    for i0 in range(0, nq, rows):
+        for d0 in range(0, dp, LANES):
+            for a in range(rows):
+                for u in range(LANES):
+                    acc[a, u] = o[i0 + a, d0 + u] * rescale[i0 + a]
+            for j in range(nk):
+                vrow = vb[j, d0:d0 + LANES]
+                prow = pt[j, i0:i0 + rows]
+                for a in range(rows):
+                    pa = prow[a]
+                    for u in range(LANES):
+                        acc[a, u] += pa * vrow[u]
+            for a in range(rows):
+                for u in range(LANES):
+                    o[i0 + a, d0 + u] = acc[a, u]
+
+
+@njit(cache=True)
+def _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, causal, last_key, sqrt_d):
+    """Mask, scale and exponentiate one block of key-major scores in place; update the running state.
+
+    st [KEY_BLOCK, QUERY_TILE] scores -> weights exp(score - running max), exactly 0 for masked keys;
+    row_max, row_sum [QUERY_TILE] move to the new running max and rescale[i] = exp(old - new max)
+    is what the accumulated values must be multiplied by. last_key[i] is the last key query i may
+    see (causal); key_mask [B, Tk] uint8 marks real keys (shape [0, 0] when absent).
+    """
+    neg_inf = st.dtype.type(-np.inf)
+    block_max = np.full(LANES, neg_inf, st.dtype)
+    for j in range(nk):
+        key = j0 + j
+        real = key_mask.shape[1] == 0 or key_mask[b, key] != 0
+        srow = st[j]
+        for i in range(LANES):
+            visible = real and (not causal or key <= last_key[i])
+            srow[i] = srow[i] / sqrt_d if visible else neg_inf
+            block_max[i] = max(block_max[i], srow[i])
+    for i in range(LANES):
+        new_max = max(row_max[i], block_max[i])
+        shift = new_max if new_max > neg_inf else 0  # no key seen yet: every weight is exp(-inf) = 0
+        rescale[i] = fexp(row_max[i] - shift)
+        row_max[i] = new_max
+        block_max[i] = shift
+        row_sum[i] *= rescale[i]
+    for j in range(nk):
+        srow = st[j]
+        for i in range(LANES):
+            srow[i] = fexp(srow[i] - block_max[i])
+            row_sum[i] += srow[i]
+
+
+@njit(cache=True)
+def _task_order(n_tiles, causal):
+    """Tile visiting order: causal tiles paired (0, n-1, 1, n-2, ...) so contiguous chunks of the
+    parallel loop hold equal work."""
+    order = np.arange(n_tiles)
+    if causal:
+        for t in range(n_tiles):
+            order[t] = t // 2 if t % 2 == 0 else n_tiles - 1 - t // 2
+    return order
+
+
+@njit(cache=True, parallel=True)
+def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_when_empty, out):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] uint8 or [0, 0] -> out [B, Hq, Tq, D].
+
+    GQA: query head h reads kv head h // (Hq / Hkv) (interleaved) or h % Hkv. Rows with no allowed
+    key: mean of all values (uniform_when_empty) or zeros.
+    """
+    n_batch, n_q_heads, tq, d = q.shape
+    n_kv_heads, tk = k.shape[1], k.shape[2]
+    n_rep = n_q_heads // n_kv_heads
+    dp = (d + LANES - 1) // LANES * LANES
+    n_tiles = (tq + QUERY_TILE - 1) // QUERY_TILE
+    order = _task_order(n_tiles, causal)
+    sqrt_d = q.dtype.type(math.sqrt(d))
+    for task in prange(n_batch * n_q_heads * n_tiles):
+        bh, tile = task // n_tiles, task % n_tiles
+        b, h = bh // n_q_heads, bh % n_q_heads
+        kvh = h // n_rep if interleaved else h % n_kv_heads
+        i0 = order[tile] * QUERY_TILE
+        nq = min(QUERY_TILE, tq - i0)
+        qt = np.zeros((dp, QUERY_TILE), q.dtype)
+        kb = np.zeros((KEY_BLOCK, dp), q.dtype)
+        vb = np.zeros((KEY_BLOCK, dp), q.dtype)
+        st = np.empty((KEY_BLOCK, QUERY_TILE), q.dtype)
+        o = np.zeros((QUERY_TILE, dp), q.dtype)
+        row_max = np.full(QUERY_TILE, -np.inf, q.dtype)
+        row_sum = np.zeros(QUERY_TILE, q.dtype)
+        rescale = np.empty(QUERY_TILE, q.dtype)
+        last_key = np.arange(QUERY_TILE) + (q_start + i0)
+        for i in range(nq):
+            for c in range(d):
+                qt[c, i] = q[b, h, i0 + i, c]
+        key_end = min(tk, q_start + i0 + nq) if causal else tk
+        for j0 in range(0, key_end, KEY_BLOCK):
+            nk = min(KEY_BLOCK, key_end - j0)
+            for j in range(nk):
+                for c in range(d):
+                    kb[j, c] = k[b, kvh, j0 + j, c]
+                    vb[j, c] = v[b, kvh, j0 + j, c]
+            _scores_block(kb, qt, st, nk, dp)
+            _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, causal, last_key, sqrt_d)
+            _accumulate_values(st, vb, o, rescale, nq, nk, dp)
+        for i in range(nq):
+            if row_sum[i] > 0:
+                for c in range(d):
+                    out[b, h, i0 + i, c] = o[i, c] / row_sum[i]
+            elif uniform_when_empty:
+                out[b, h, i0 + i] = _mean_over_time(v, b, kvh)
+            else:
+                out[b, h, i0 + i] = 0
+
+
+@njit(cache=True)
+def _mean_over_time(v, b, kvh):
+    """v [B, Hkv, Tk, D] -> [D]: mean of v[b, kvh] over time (the uniform softmax of a fully masked row)."""
+    total = np.zeros(v.shape[3], np.float64)
+    for j in range(v.shape[2]):
+        total += v[b, kvh, j]
+    return (total / v.shape[2]).astype(v.dtype)

@@ -1,0 +1,150 @@
+"""The "numba" backend: the NumPy reference's contract, with fused parallel kernels (numba JIT).
+
+Data movement, embedding and GEMMs are NumPy's (inherited): OpenBLAS already runs GEMMs near this
+machine's peak. RMSNorm, RoPE, activations and gated units are one pass each
+(numba_elementwise), attention is one fused online-softmax kernel (numba_attention) and loss_rows
+one fused value + gradient pass per row (numba_losses). Kernels compile on first use for the
+dtypes and layouts actually seen and are cached on disk (cache=True), so a second process loads
+them instead of compiling. Importing this module needs numba; refslm.backends reports a missing
+numba as BackendUnavailable.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .. import losses, ops
+from ..config import MASK_FILLS, ROPE_LAYOUTS
+from .numba_attention import attention_kernel
+from .numba_elementwise import ACTIVATION_CODES, activation_kernel, gated_kernel, rmsnorm_kernel, rope_kernel
+from .numba_losses import KIND_CODES, loss_rows_kernel
+from .numpy_backend import NumpyBackend
+
+_NO_KEY_MASK = np.zeros((0, 0), dtype=np.uint8)
+
+
+def _activation_code(kind: str) -> int:
+    try:
+        return ACTIVATION_CODES[kind]
+    except KeyError:
+        raise ValueError(f"activation kind must be one of {sorted(ACTIVATION_CODES)}, got {kind!r}") from None
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """[...] -> [M] contiguous (a view when x is already contiguous)."""
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+class NumbaBackend(NumpyBackend):
+    """NumPy arrays in and out; fused numba kernels for the memory-bound and softmax-bound ops."""
+
+    name = "numba"
+    dtypes = ("float32", "float64")
+
+    def linear(self, x, weight, bias=None):
+        """[..., in], [out, in], [out] -> [..., out]: BLAS GEMM, bias added in place (no second array)."""
+        y = x @ weight.T
+        if bias is not None:
+            y += bias
+        return y
+
+    def rmsnorm(self, x, weight, eps, unit_offset=False):
+        """[..., C], [C] -> [..., C]; see ops.rmsnorm (the sum of squares accumulates in float64)."""
+        ops.check_float("x", x)
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"rmsnorm weight must have shape {x.shape[-1:]}, got {weight.shape}")
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        out = np.empty_like(rows)
+        rmsnorm_kernel(rows, weight.astype(x.dtype, copy=False), float(eps), bool(unit_offset), out)
+        return out.reshape(x.shape)
+
+    def activation(self, x, kind):
+        """Elementwise 'gelu_tanh' | 'gelu_erf' | 'silu' in one pass."""
+        code = _activation_code(kind)
+        ops.check_float("x", x)
+        out = np.empty(x.shape, x.dtype)
+        activation_kernel(_flat(x), code, out.reshape(-1))
+        return out
+
+    def gated(self, gate, up, kind):
+        """act(gate) * up in one pass (SwiGLU / GeGLU)."""
+        code = _activation_code(kind)
+        ops.check_float("gate", gate)
+        if up.shape != gate.shape or up.dtype != gate.dtype:
+            raise ValueError(f"gated: up must match gate's shape {gate.shape} and dtype {gate.dtype}, "
+                             f"got {up.shape} {up.dtype}")
+        out = np.empty(gate.shape, gate.dtype)
+        gated_kernel(_flat(gate), _flat(up), code, out.reshape(-1))
+        return out
+
+    def rope(self, x, cos, sin, layout):
+        """x [B, H, T, D], cos/sin [B or 1, T, D] -> rotated x; see ops.apply_rope."""
+        if layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+        ops.check_float("x", x)
+        b, _, t, d = x.shape
+        if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (t, d):
+            raise ValueError(f"rope cos/sin must have shape [1 or {b}, {t}, {d}], got {cos.shape} and {sin.shape}")
+        out = np.empty(x.shape, x.dtype)
+        c = np.ascontiguousarray(cos, dtype=x.dtype)
+        s = np.ascontiguousarray(sin, dtype=x.dtype)
+        rope_kernel(x, c, s, layout == "interleaved", out)
+        return out
+
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]; one fused kernel, see ops.attention."""
+        _check_attention(q, k, v, key_mask, mask_fill)
+        mask = _NO_KEY_MASK if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
+        out = np.empty(q.shape, q.dtype)
+        attention_kernel(q, k, v, mask, bool(causal), int(q_start), bool(interleaved), mask_fill == "finite_min",
+                         out)
+        return out
+
+    def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
+                  grad_out=None):
+        """Per-row losses and the gradient of their weighted sum; see refslm.losses.loss_rows."""
+        student, teacher, targets, row_weight = losses._check_rows(
+            kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, grad_out)
+        kind = _exact_kind(kind, beta)
+        n, vocab = student.shape
+        grad = np.empty_like(student) if grad_out is None else grad_out
+        values = np.empty(n)
+        student_lse = np.empty(n)
+        teacher_lse = np.empty(n)
+        loss_rows_kernel(KIND_CODES[kind], student, student[:0] if teacher is None else teacher,
+                         np.zeros(n, np.int64) if targets is None else targets, row_weight, float(temperature),
+                         float(beta), float(label_smoothing), grad, values, student_lse, teacher_lse,
+                         max(1, min(n, 4 * numba.get_num_threads())))
+        losses._check_logsumexp(student_lse, "student", row_weight)
+        if teacher is not None:
+            losses._check_logsumexp(teacher_lse, "teacher", row_weight)
+        return values, grad
+
+
+def _exact_kind(kind: str, beta: float) -> str:
+    """The reference's exact reductions: jsd at beta 0 / 1 and the skews at beta 0 are the plain KLs."""
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind in ("skew_kl", "skew_reverse_kl") and beta == 0.0:
+        return "forward_kl" if kind == "skew_kl" else "reverse_kl"
+    return kind
+
+
+def _check_attention(q, k, v, key_mask, mask_fill) -> None:
+    """Raise a clear error for shapes or arguments ops.attention does not define."""
+    if mask_fill not in MASK_FILLS:
+        raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {mask_fill!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        ops.check_float(name, x)
+        if x.ndim != 4:
+            raise ValueError(f"attention {name} must have shape [B, H, T, D], got {x.shape}")
+    if k.shape != v.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention k and v must share a shape and q's dtype, got k {k.shape} {k.dtype}, "
+                         f"v {v.shape} {v.dtype}, q {q.dtype}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"attention k/v {k.shape} must match q {q.shape} in batch and head_dim, and their "
+                         "head count must divide q's")
+    if key_mask is not None and np.shape(key_mask) != (b, k.shape[2]):
+        raise ValueError(f"key_mask must have shape ({b}, {k.shape[2]}), got {np.shape(key_mask)}")

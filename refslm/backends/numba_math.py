@@ -1,0 +1,140 @@
+"""Scalar math and small building blocks shared by the numba kernels (imported only by the numba backend).
+
+Numba's LLVM vectorises loops only when they hold no library call and no floating-point reduction
+(we never ask for fast-math that changes the meaning of a number: no nnan/ninf). So:
+- `fexp` is exp as a range reduction plus polynomial (no libm call, so loops around it vectorise):
+  float64 within 1 ulp (degree-13 Taylor on |r| <= ln2/2), float32 evaluated in float64 with a
+  degree-8 polynomial (error 2e-10 relative, then rounded once to float32).
+- Sums run through `sum_reassoc`, the only function compiled with the 'reassoc' flag: a sum in a
+  different order, exactly what BLAS and NumPy's pairwise sum also do; no other flag.
+- `row_max` keeps 64 running maxima in a stack array (a vectorisable elementwise loop).
+- `stack_tile` is a fixed-size scratch array on the stack; LLVM keeps it in registers, which is what
+  makes the attention micro-kernels reach BLAS-like speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import carray
+
+LANES = 64  # width of stack tiles: 4 zmm registers of float32 (not unrolled by LLVM, so loops vectorise)
+TILE_ELEMS = 4 * LANES  # a stack tile holds up to 4 rows of LANES
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm split of ln 2: n * _LN2_HI is exact for |n| < 2^11
+_LN2_LO = 1.90821492927058770002e-10
+_EXP_MAX_X = 709.782712893384  # largest x with finite exp(x)
+_TAYLOR_13 = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # float64: error < 1 ulp on |r| <= ln2/2
+_TAYLOR_8 = _TAYLOR_13[5:]  # float32 results: error 2e-10 relative, far below float32's half-ulp
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """2.0 ** n for an int64 n in [-1022, 1023], built from the exponent bits (no table, no libm)."""
+    def codegen(context, builder, signature, args):
+        biased = builder.add(args[0], context.get_constant(types.int64, 1023))
+        bits = builder.shl(biased, context.get_constant(types.int64, 52))
+        return builder.bitcast(bits, context.get_value_type(types.float64))
+    return types.float64(types.int64), codegen
+
+
+@njit(cache=True)
+def _exp_poly(x, coefficients):
+    """exp(x) for float64 x: n = round(x / ln2), r = x - n ln2 (|r| <= ln2 / 2), exp(r) by Taylor,
+    then scaled by 2^n in two exact steps (the second may round into the subnormal range)."""
+    xc = min(max(x, -746.0), _EXP_MAX_X)
+    n = math.floor(xc * _LOG2E + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = 0.0
+    for c in coefficients:
+        p = p * r + c
+    ni = np.int64(n)
+    n1 = min(max(ni, -1022), 1023)
+    y = (p * _pow2(n1)) * _pow2(ni - n1)
+    y = math.inf if x > _EXP_MAX_X else y
+    return x if x != x else y  # NaN stays NaN
+
+
+def fexp(x):
+    """exp(x) in x's float type; vectorisable (see the module docstring for the accuracy)."""
+    return math.exp(x)
+
+
+@overload(fexp)
+def _fexp_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: np.float32(_exp_poly(np.float64(x), _TAYLOR_8))
+    return lambda x: _exp_poly(np.float64(x), _TAYLOR_13)
+
+
+@njit(cache=True)
+def tanh_from_exp(y):
+    """tanh(y) = sign(y) (1 - 2 / (exp(2|y|) + 1)), through fexp (vectorisable)."""
+    t = 1.0 - 2.0 / (fexp(2.0 * abs(y)) + 1.0)
+    return t if y >= 0 else -t
+
+
+@njit(cache=True)
+def sigmoid(x):
+    """1 / (1 + exp(-x)), evaluated as e / (1 + e) with e = exp(-|x|) for x < 0 (no overflow)."""
+    e = fexp(-abs(x))
+    return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def sum_reassoc(x, n):
+    """sum(x[:n]) in x's dtype, the order left to the vectoriser (the function's only flag is 'reassoc')."""
+    total = x.dtype.type(0)
+    for i in range(n):
+        total += x[i]
+    return total
+
+
+@intrinsic
+def _stack_pointer(typingctx, dtype):
+    """A pointer to TILE_ELEMS uninitialised elements of dtype in the calling function's stack frame."""
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(dtype.dtype)
+        return cgutils.alloca_once(builder, ty, size=context.get_constant(types.intp, TILE_ELEMS))
+    return types.CPointer(dtype.dtype)(dtype), codegen
+
+
+@njit(inline="always")
+def stack_tile(rows, dtype):
+    """[rows, LANES] scratch array of dtype on the stack (rows <= 4); uninitialised."""
+    return carray(_stack_pointer(dtype), (rows, LANES))
+
+
+@njit(cache=True)
+def max_of_lanes(x):
+    """max(x[:LANES]) by a halving tree of elementwise maxima (vectorisable)."""
+    tree = stack_tile(1, x.dtype)[0]
+    tree[:] = x[:LANES]
+    width = LANES // 2
+    while width:
+        for u in range(width):
+            tree[u] = tree[u + width] if tree[u + width] > tree[u] else tree[u]
+        width //= 2
+    return tree[0]
+
+
+@njit(cache=True)
+def row_max(x, n):
+    """max(x[:n]) (-inf for n == 0); 64 running maxima, so the main loop vectorises."""
+    lanes = stack_tile(1, x.dtype)[0]
+    for u in range(LANES):
+        lanes[u] = -np.inf
+    full = n - n % LANES
+    for i0 in range(0, full, LANES):
+        for u in range(LANES):
+            v = x[i0 + u]
+            lanes[u] = v if v > lanes[u] else lanes[u]
+    best = max_of_lanes(lanes)
+    for i in range(full, n):
+        best = x[i] if x[i] > best else best
+    return best
