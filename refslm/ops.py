@@ -101,9 +101,12 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """[...] -> [...]: x - logsumexp(x). -inf entries stay -inf."""
-    m = np.max(x, axis=axis, keepdims=True)
-    return x - (m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)))
+    """[...] -> [...]: (x - max) - log sum exp(x - max). -inf entries stay -inf.
+
+    Subtracting the max first keeps full relative precision when |max| is large (logits ~1e4).
+    """
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 # ---------------------------------------------------------------- linear maps
