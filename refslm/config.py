@@ -1,7 +1,7 @@
 """Model configurations: the paper's encoder-decoder ("Mu") and the decoder-only layouts.
 
 Field names follow the public Mu code (n_encoder_layer, n_embd, qkv_embd, ...). The Llama / Phi-3
-layouts reuse the same fields; `from_hf_dict` maps Hugging Face config.json names onto them.
+layouts reuse the same fields; `refslm.weights.config_from_hf` maps Hugging Face config.json names onto them.
 SPEC.md section "Configurations" is the normative description.
 """
 
