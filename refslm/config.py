@@ -44,7 +44,7 @@ class _AttentionFields:
     rope_factor: float = 1.0
     rope_type: str = "dynamic"  # dynamic (Mu NTK, only when rope_factor > 1) | linear | default
     rope_layout: str = "rotate_half"  # rotate_half | interleaved (pairs (2i, 2i+1))
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0  # None: no id is padding, no key is masked (HF configs with pad null)
     bos_token_id: int = 1
     eos_token_id: int = 32000
     vocab_size: int = 32128
@@ -93,6 +93,8 @@ class _AttentionFields:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
+            if value is None and name == "pad_token_id":
+                continue
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} must be in [0, vocab_size={self.vocab_size})")
 

@@ -74,7 +74,7 @@ class CachedDecoder:
             prefix = ids
             self.offset = leading_pads(ids, cfg.pad_token_id)[:, None]
         capacity = prefix.shape[1] + max_new_tokens
-        self.ids = np.full((batch, capacity), cfg.pad_token_id, dtype=np.int64)  # every token so far
+        self.ids = np.zeros((batch, capacity), dtype=np.int64)  # every token so far (unwritten tail unused)
         self.ids[:, :prefix.shape[1]] = prefix
         self.length = prefix.shape[1]
         self.caches = [KVCache(model, batch, capacity) for _ in model.weights.blocks]

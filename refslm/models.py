@@ -298,13 +298,15 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def leading_pads(ids: np.ndarray, pad_token_id: int) -> np.ndarray:
-    """[B, T] ids -> [B] int64: how many pad ids open each row (T for a row of pads only)."""
+def leading_pads(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:
+    """[B, T] ids -> [B] int64: how many pad ids open each row (T for a row of pads only; 0 if pad is None)."""
+    if pad_token_id is None:
+        return np.zeros(ids.shape[0], dtype=np.int64)
     real = ids != pad_token_id
     return np.where(real.any(axis=1), np.argmax(real, axis=1), ids.shape[1]).astype(np.int64)
 
 
-def left_padding_positions(ids: np.ndarray, pad_token_id: int) -> np.ndarray:
+def left_padding_positions(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:
     """[B, T] ids -> [B, T] int64 positions t - leading_pads(row), clamped at 0 (for the pads).
 
     A left-padded row then gets the positions it would have unpadded (what Hugging Face generate
@@ -316,8 +318,13 @@ def left_padding_positions(ids: np.ndarray, pad_token_id: int) -> np.ndarray:
 # ---------------------------------------------------------------- the forward pass
 
 
-def key_mask(ids: np.ndarray, pad_token_id: int) -> np.ndarray | None:
-    """[B, T] ids -> [B, T] bool, True for real (non-pad) tokens; None when nothing is padded."""
+def key_mask(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray | None:
+    """[B, T] ids -> [B, T] bool, True for real (non-pad) tokens; None when nothing is padded.
+
+    pad_token_id None (Hugging Face configs whose pad_token_id is null) masks nothing.
+    """
+    if pad_token_id is None:
+        return None
     mask = ids != pad_token_id
     return None if mask.all() else mask
 

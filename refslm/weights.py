@@ -93,12 +93,18 @@ def hf_rope(data: dict[str, Any]) -> tuple[float, str, float]:
     return float(params.get("rope_theta", data.get("rope_theta", 10000.0))), rope_type, factor
 
 
-def _token_id(data: dict[str, Any], name: str, layout: str) -> int:
-    """A special token id; a list (several EOS ids) gives its first entry, None gives 0."""
+def _token_id(data: dict[str, Any], name: str, layout: str) -> int | None:
+    """A special token id; a list (several EOS ids) gives its first entry.
+
+    null gives None for pad_token_id (no id is padding: nothing is masked, as in Hugging Face
+    without an attention mask) and 0 for the others.
+    """
     value = data.get(name, HF_DEFAULTS[layout][name])
     if isinstance(value, list):
         value = value[0] if value else None
-    return 0 if value is None else int(value)
+    if value is None:
+        return None if name == "pad_token_id" else 0
+    return int(value)
 
 
 def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:

@@ -381,3 +381,16 @@ def test_grouped_attention_equals_repeated_kv_attention(interleaved, mask_fill):
     expected = np.nan_to_num(weights) @ vr  # -inf: fully masked rows are zeros
     np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
     assert mask_fill == "-inf" or np.abs(got[0, :, 0]).min() > 0  # finite_min: uniform average, not zeros
+
+
+def test_pad_token_none_masks_nothing():
+    """A Hugging Face config with pad_token_id null: id 0 is an ordinary token, never a masked key."""
+    cfg = tiny_decoder_only(layout="llama", pad_token_id=None)
+    model = models.init(cfg, seed=3, dtype="float64")
+    ids = np.array([[5, 0, 7, 0]])
+    masked = models.init(tiny_decoder_only(layout="llama", pad_token_id=0), seed=3, dtype="float64")
+    assert models.key_mask(ids, None) is None
+    assert not np.allclose(model.logits(ids), masked.logits(ids))
+    # with nothing masked, the last position sees every earlier token: equal to an unmasked id set
+    np.testing.assert_allclose(model.logits(ids), models.init(
+        tiny_decoder_only(layout="llama", pad_token_id=9), seed=3, dtype="float64").logits(ids), rtol=1e-13)

@@ -197,7 +197,7 @@ def test_hf_defaults_and_token_id_lists():
         del data[key]
     config = config_from_dict(data)
     assert (config.n_kv_head, config.norm_eps, config.tie_word_embeddings) == (4, 1e-6, False)
-    assert (config.eos_token_id, config.pad_token_id, config.bos_token_id) == (7, 0, 1)
+    assert (config.eos_token_id, config.pad_token_id, config.bos_token_id) == (7, None, 1)
     phi3 = config_from_dict({**hf_llama(), "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
                              "head_dim": None, "sliding_window": None})
     assert phi3.layout == "phi3" and phi3.resolved_head_dim == 16 and not phi3.attention_bias
