@@ -20,7 +20,10 @@ _LAZY = {
     "load": ("refslm.weights", "load"),
     "save": ("refslm.weights", "save"),
 }
-_SUBMODULES = {"ops", "models", "generate", "losses", "align", "token_align", "weights", "golden", "backends", "bench", "flops"}
+_SUBMODULES = {
+    "ops", "models", "generate", "losses", "align", "token_align", "weights", "safetensors_io", "golden",
+    "backends", "bench", "flops",
+}
 
 
 def __getattr__(name: str):
