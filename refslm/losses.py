@@ -148,12 +148,12 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     n, vocab = student.shape
     grad = np.empty_like(student) if grad_out is None else grad_out
     z = student / student.dtype.type(temperature)
-    log_q = z - _logsumexp_rows(z, "student", row_weight)[:, None]
+    log_q = _log_softmax(z, *_log_normaliser_rows(z, "student", row_weight))
     if kind == "cross_entropy":
         other = _target_weights(targets, label_smoothing, vocab, 0, vocab, student.dtype)
     else:
         u = teacher / teacher.dtype.type(temperature)
-        other = u - _logsumexp_rows(u, "teacher", row_weight)[:, None]
+        other = _log_softmax(u, *_log_normaliser_rows(u, "teacher", row_weight))
     e, a = _terms(kind, log_q, other, beta)
     values = np.sum(e, axis=-1, dtype=np.float64)
     a_sum = np.sum(a, axis=-1, dtype=np.float64)
@@ -178,16 +178,28 @@ def _zero_dropped(values: np.ndarray, grad: np.ndarray, row_weight: np.ndarray,
     return values, grad
 
 
-def _logsumexp_rows(z: np.ndarray, name: str, row_weight: np.ndarray) -> np.ndarray:
-    """z [n, v] -> [n] in z's dtype: log sum_j exp(z_j), the sum accumulated in float64."""
+def _log_softmax(z: np.ndarray, shift: np.ndarray, log_total: np.ndarray) -> np.ndarray:
+    """z [n, v], shift [n], log_total [n] -> [n, v]: (z - shift) - log_total.
+
+    logsumexp(z) = shift + log_total; subtracting the shift first keeps full precision when
+    |shift| is large (logits ~1e4 in float32), where z - (shift + log_total) would lose it.
+    """
+    return (z - shift[:, None]) - log_total[:, None]
+
+
+def _log_normaliser_rows(z: np.ndarray, name: str, row_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z [n, v] -> (shift, log_total) [n] in z's dtype, logsumexp(z) = shift + log_total.
+
+    shift is the row max (0 for a row of -inf); the sum of exp(z - shift) accumulates in float64.
+    """
     m = np.max(z, axis=-1)
     shift = np.where(np.isfinite(m), m, 0.0).astype(z.dtype)
     with np.errstate(invalid="ignore"):
         total = np.sum(np.exp(z - shift[:, None]), axis=-1, dtype=np.float64)
     with np.errstate(divide="ignore"):
-        lse = shift + np.log(total)
-    _check_logsumexp(lse, name, row_weight)
-    return lse.astype(z.dtype)
+        log_total = np.log(total)
+    _check_logsumexp(shift + log_total, name, row_weight)
+    return shift, log_total.astype(z.dtype)
 
 
 def _check_logsumexp(lse: np.ndarray, name: str, row_weight: np.ndarray) -> None:
@@ -276,15 +288,15 @@ def _stream_block(kind, student, teacher, targets, row_weight, temperature, beta
     dtype = student.dtype.type
     vocab = student.shape[1]
     columns = _blocks(vocab, chunk_vocab)
-    lse_s = _online_logsumexp(student, temperature, columns, "student", row_weight)
-    lse_t = None if teacher is None else _online_logsumexp(teacher, temperature, columns, "teacher", row_weight)
+    norm_s = _online_log_normaliser(student, temperature, columns, "student", row_weight)
+    norm_t = None if teacher is None else _online_log_normaliser(teacher, temperature, columns, "teacher", row_weight)
 
     def chunk_terms(cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        log_q = student[:, cols] / dtype(temperature) - lse_s[:, None]
+        log_q = _log_softmax(student[:, cols] / dtype(temperature), *norm_s)
         if teacher is None:
             other = _target_weights(targets, label_smoothing, vocab, cols.start, cols.stop, student.dtype)
         else:
-            other = teacher[:, cols] / dtype(temperature) - lse_t[:, None]
+            other = _log_softmax(teacher[:, cols] / dtype(temperature), *norm_t)
         return (log_q, *_terms(kind, log_q, other, beta))
 
     values = np.zeros(student.shape[0])
@@ -306,9 +318,12 @@ def _stream_block(kind, student, teacher, targets, row_weight, temperature, beta
     return values
 
 
-def _online_logsumexp(x: np.ndarray, temperature: float, columns: list[slice], name: str,
-                      row_weight: np.ndarray) -> np.ndarray:
-    """x [r, V] -> [r] in x's dtype: logsumexp(x / T) over column chunks, running max and rescaled sum."""
+def _online_log_normaliser(x: np.ndarray, temperature: float, columns: list[slice], name: str,
+                           row_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [r, V] -> (shift, log_total) [r] in x's dtype, logsumexp(x / T) = shift + log_total.
+
+    One pass over column chunks keeping a running max and a rescaled float64 sum.
+    """
     dtype = x.dtype.type
     shift = np.full(x.shape[0], NEG_INF)
     total = np.zeros(x.shape[0])
@@ -320,10 +335,11 @@ def _online_logsumexp(x: np.ndarray, temperature: float, columns: list[slice], n
             total = total * np.exp(shift - safe) + np.sum(np.exp(z - safe.astype(x.dtype)[:, None]), axis=-1,
                                                          dtype=np.float64)
             shift = new_shift
+        shift = np.where(np.isfinite(shift), shift, 0.0)
         with np.errstate(divide="ignore"):
-            lse = np.where(np.isfinite(shift), shift, 0.0) + np.log(total)
-    _check_logsumexp(lse, name, row_weight)
-    return lse.astype(x.dtype)
+            log_total = np.log(total)
+    _check_logsumexp(shift + log_total, name, row_weight)
+    return shift.astype(x.dtype), log_total.astype(x.dtype)
 
 
 def _check_chunks(chunk_size) -> tuple[int, int]:
