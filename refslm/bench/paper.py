@@ -153,8 +153,10 @@ def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_to
 
     host = {kind: init(cfg, seed=seed, dtype=dtype) for kind, cfg in configs.items()}
     inputs = {length: _input_ids(configs["ed"], batch, length, seed + length) for length in lengths}
-    static = {length: {kind: _memory_and_flops(host[kind], inputs[length], new_tokens) for kind in configs}
-              for length in lengths}
+    static = {}
+    for length in lengths:
+        static[length] = {kind: _memory_and_flops(host[kind], inputs[length], new_tokens) for kind in configs}
+        log(f"  {size} L={length}: memory and FLOP counts done (NumPy, tracemalloc)")
     rows = []
     for backend in backends:
         try:
