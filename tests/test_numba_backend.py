@@ -265,6 +265,38 @@ def test_loss_rows_errors_match_reference():
         NB.loss_rows("kl", logits, logits, None, np.ones(2), temperature=1.0, beta=0.0, label_smoothing=0.0)
 
 
+# ---------------------------------------------------------------- parallel and serial builds
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parallel_and_serial_builds_agree_bitwise(monkeypatch, dtype):
+    # Small calls take the serial build; this runs every kernel through both on the same inputs.
+    from refslm.backends import numba_math
+
+    rng = _rng(11)
+    q = rng.uniform(-1, 1, (2, 4, 70, 24)).astype(dtype)
+    kv = rng.uniform(-1, 1, (2, 2, 90, 24)).astype(dtype)
+    logits = rng.standard_normal((9, 130)).astype(dtype)
+    cos, sin = ops.rope_cos_sin(np.arange(70)[None], 24, 1e4)
+
+    def run_all():
+        return [NB.attention(q, kv, kv, key_mask=rng.random((2, 90)) < 0.8, causal=True, q_start=20,
+                             interleaved=False, mask_fill="-inf"),
+                *NB.loss_rows("jsd", logits, logits[::-1].copy(), None, np.ones(9), temperature=2.0, beta=0.5,
+                              label_smoothing=0.0),
+                NB.rmsnorm(q, np.ones(24, dtype), 1e-6), NB.rope(q, cos, sin, "rotate_half"),
+                NB.activation(q, "gelu_tanh"), NB.gated(q, q, "silu")]
+
+    rng = _rng(12)
+    monkeypatch.setattr(numba_math, "PARALLEL_MIN_WORK", 0)
+    parallel = run_all()
+    rng = _rng(12)
+    monkeypatch.setattr(numba_math, "PARALLEL_MIN_WORK", 1 << 60)
+    serial = run_all()
+    for p, s in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(p, s)
+
+
 # ---------------------------------------------------------------- registry
 
 

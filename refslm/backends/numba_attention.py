@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from .numba_math import LANES, fexp, stack_tile
+from .numba_math import LANES, ParallelKernel, fexp, stack_tile
 
 KEY_BLOCK = LANES  # keys per block (one micro-kernel tile wide)
 QUERY_TILE = LANES  # queries per task (the lanes of the score micro-kernel)
@@ -36,7 +36,7 @@ def _tile_rows_overload(x):
     return lambda x: rows
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scores_block(kb, qt, st, nk, dp):
     """st[:nk, :] = kb[:nk, :dp] @ qt[:dp, :]: kb [KEY_BLOCK, Dp], qt [Dp, QUERY_TILE], st [KEY_BLOCK, QUERY_TILE].
 
@@ -59,7 +59,7 @@ def _scores_block(kb, qt, st, nk, dp):
                 st[j0 + a, u] = acc[a, u]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _accumulate_values(pt, vb, o, rescale, nq, nk, dp):
     """o[:nq] = o[:nq] * rescale[:nq, None] + pt[:nk, :nq]^T @ vb[:nk, :dp].
 
@@ -84,7 +84,7 @@ def _accumulate_values(pt, vb, o, rescale, nq, nk, dp):
                     o[i0 + a, d0 + u] = acc[a, u]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, causal, last_key, sqrt_d):
     """Mask, scale and exponentiate one block of key-major scores in place; update the running state.
 
@@ -117,7 +117,7 @@ def _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, ca
             row_sum[i] += srow[i]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _task_order(n_tiles, causal):
     """Tile visiting order: causal tiles paired (0, n-1, 1, n-2, ...) so contiguous chunks of the
     parallel loop hold equal work."""
@@ -128,7 +128,7 @@ def _task_order(n_tiles, causal):
     return order
 
 
-@njit(cache=True, parallel=True)
+@ParallelKernel
 def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_when_empty, out):
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] uint8 or [0, 0] -> out [B, Hq, Tq, D].
 
@@ -180,7 +180,7 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
                 out[b, h, i0 + i] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _mean_over_time(v, b, kvh):
     """v [B, Hkv, Tk, D] -> [D]: mean of v[b, kvh] over time (the uniform softmax of a fully masked row)."""
     total = np.zeros(v.shape[3], np.float64)

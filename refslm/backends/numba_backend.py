@@ -56,7 +56,7 @@ class NumbaBackend(NumpyBackend):
             raise ValueError(f"rmsnorm weight must have shape {x.shape[-1:]}, got {weight.shape}")
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty_like(rows)
-        rmsnorm_kernel(rows, weight.astype(x.dtype, copy=False), float(eps), bool(unit_offset), out)
+        rmsnorm_kernel(rows.size, rows, weight.astype(x.dtype, copy=False), float(eps), bool(unit_offset), out)
         return out.reshape(x.shape)
 
     def activation(self, x, kind):
@@ -64,7 +64,7 @@ class NumbaBackend(NumpyBackend):
         code = _activation_code(kind)
         ops.check_float("x", x)
         out = np.empty(x.shape, x.dtype)
-        activation_kernel(_flat(x), code, out.reshape(-1))
+        activation_kernel(x.size, _flat(x), code, out.reshape(-1))
         return out
 
     def gated(self, gate, up, kind):
@@ -75,7 +75,7 @@ class NumbaBackend(NumpyBackend):
             raise ValueError(f"gated: up must match gate's shape {gate.shape} and dtype {gate.dtype}, "
                              f"got {up.shape} {up.dtype}")
         out = np.empty(gate.shape, gate.dtype)
-        gated_kernel(_flat(gate), _flat(up), code, out.reshape(-1))
+        gated_kernel(gate.size, _flat(gate), _flat(up), code, out.reshape(-1))
         return out
 
     def rope(self, x, cos, sin, layout):
@@ -89,7 +89,7 @@ class NumbaBackend(NumpyBackend):
         out = np.empty(x.shape, x.dtype)
         c = np.ascontiguousarray(cos, dtype=x.dtype)
         s = np.ascontiguousarray(sin, dtype=x.dtype)
-        rope_kernel(x, c, s, layout == "interleaved", out)
+        rope_kernel(x.size, x, c, s, layout == "interleaved", out)
         return out
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
@@ -97,8 +97,8 @@ class NumbaBackend(NumpyBackend):
         _check_attention(q, k, v, key_mask, mask_fill)
         mask = _NO_KEY_MASK if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
         out = np.empty(q.shape, q.dtype)
-        attention_kernel(q, k, v, mask, bool(causal), int(q_start), bool(interleaved), mask_fill == "finite_min",
-                         out)
+        attention_kernel(q.size * k.shape[2], q, k, v, mask, bool(causal), int(q_start), bool(interleaved),
+                         mask_fill == "finite_min", out)
         return out
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
@@ -112,7 +112,7 @@ class NumbaBackend(NumpyBackend):
         values = np.empty(n)
         student_lse = np.empty(n)
         teacher_lse = np.empty(n)
-        loss_rows_kernel(KIND_CODES[kind], student, student[:0] if teacher is None else teacher,
+        loss_rows_kernel(student.size, KIND_CODES[kind], student, student[:0] if teacher is None else teacher,
                          np.zeros(n, np.int64) if targets is None else targets, row_weight, float(temperature),
                          float(beta), float(label_smoothing), grad, values, student_lse, teacher_lse,
                          max(1, min(n, 4 * numba.get_num_threads())))

@@ -11,14 +11,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .numba_math import sigmoid, tanh_from_exp
+from .numba_math import ParallelKernel, exp_coefficients, sigmoid, tanh_from_exp
 
 ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}
 _GELU_TANH, _GELU_ERF, _SILU = range(3)
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def _sum_squares(row):
     """sum(row^2) accumulated in float64 (order left to the vectoriser; the only flag is 'reassoc')."""
     total = 0.0
@@ -27,7 +27,7 @@ def _sum_squares(row):
     return total
 
 
-@njit(cache=True, parallel=True)
+@ParallelKernel
 def rmsnorm_kernel(x, weight, eps, unit_offset, out):
     """x [N, C], weight [C] -> out [N, C]: x / sqrt(mean(x^2) + eps) (cast to x's dtype) * w (or 1 + w)."""
     n, c = x.shape
@@ -39,7 +39,7 @@ def rmsnorm_kernel(x, weight, eps, unit_offset, out):
             out[i, j] = dtype(x[i, j] / rms) * scale
 
 
-@njit(cache=True, parallel=True)
+@ParallelKernel
 def rope_kernel(x, cos, sin, interleaved, out):
     """x [B, H, T, D], cos/sin [B or 1, T, D] in x's dtype -> out = x cos + rotate(x) sin.
 
@@ -60,25 +60,47 @@ def rope_kernel(x, cos, sin, interleaved, out):
                 o[j] = row[j] * c[j] + rotated * s[j]
 
 
-@njit(cache=True)
-def _activate(x, kind):
-    """One element of the activation named by kind (see refslm.ops), in float64."""
-    if kind == _GELU_TANH:
-        return 0.5 * x * (1.0 + tanh_from_exp(_GELU_TANH_C * (x + 0.044715 * x * x * x)))
-    if kind == _GELU_ERF:
-        return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
-    return x * sigmoid(x)
+@njit(cache=True, error_model="numpy")
+def _gelu_tanh(x, coefficients):
+    return 0.5 * x * (1.0 + tanh_from_exp(_GELU_TANH_C * (x + 0.044715 * x * x * x), coefficients))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy")
+def _gelu_erf(x, coefficients):
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+@njit(cache=True, error_model="numpy")
+def _silu(x, coefficients):
+    return x * sigmoid(x, coefficients)
+
+
+@ParallelKernel
 def activation_kernel(x, kind, out):
-    """x [M] -> out [M]: act(x)."""
-    for i in prange(x.shape[0]):
-        out[i] = _activate(np.float64(x[i]), kind)
+    """x [M] -> out [M]: act(x), in float64 rounded once (one loop per kind, so each vectorises)."""
+    coefficients = exp_coefficients(out)
+    if kind == _GELU_TANH:
+        for i in prange(x.shape[0]):
+            out[i] = _gelu_tanh(np.float64(x[i]), coefficients)
+    elif kind == _GELU_ERF:
+        for i in prange(x.shape[0]):
+            out[i] = _gelu_erf(np.float64(x[i]), coefficients)
+    else:
+        for i in prange(x.shape[0]):
+            out[i] = _silu(np.float64(x[i]), coefficients)
 
 
-@njit(cache=True, parallel=True)
+@ParallelKernel
 def gated_kernel(gate, up, kind, out):
     """gate, up [M] -> out [M]: act(gate) * up (SwiGLU: silu, GeGLU: gelu), one pass."""
-    for i in prange(gate.shape[0]):
-        out[i] = out.dtype.type(_activate(np.float64(gate[i]), kind)) * up[i]
+    dtype = out.dtype.type
+    coefficients = exp_coefficients(out)
+    if kind == _GELU_TANH:
+        for i in prange(gate.shape[0]):
+            out[i] = dtype(_gelu_tanh(np.float64(gate[i]), coefficients)) * up[i]
+    elif kind == _GELU_ERF:
+        for i in prange(gate.shape[0]):
+            out[i] = dtype(_gelu_erf(np.float64(gate[i]), coefficients)) * up[i]
+    else:
+        for i in prange(gate.shape[0]):
+            out[i] = dtype(_silu(np.float64(gate[i]), coefficients)) * up[i]

@@ -15,14 +15,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .numba_math import fexp, row_max, sum_reassoc
+from .numba_math import ParallelKernel, fexp, row_max, sum_reassoc
 
 KIND_CODES = {"cross_entropy": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
 _CROSS_ENTROPY, _FORWARD_KL, _REVERSE_KL, _JSD, _SKEW_KL, _SKEW_REVERSE_KL = range(6)
 _NEG_INF = -np.inf
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _log_softmax_row(logits, temperature, log_prob, prob):
     """logits [V] -> log_prob = z - logsumexp(z), prob = softmax(z) with z = logits / T (float64 buffers).
 
@@ -44,7 +44,7 @@ def _log_softmax_row(logits, temperature, log_prob, prob):
     return lse
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _x_log_x_over_y(log_x, x, log_y):
     """x log(x / y) from log x (and x) and log y: 0 where log x = -inf, +inf where log x > -inf = log y."""
     if log_x == _NEG_INF:
@@ -54,7 +54,7 @@ def _x_log_x_over_y(log_x, x, log_y):
     return x * (log_x - log_y)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _logaddexp(a, b):
     """log(exp a + exp b), as numpy.logaddexp (equal arguments, infinities included, give a + log 2)."""
     if a == b:
@@ -65,7 +65,7 @@ def _logaddexp(a, b):
     return b + math.log1p(fexp(diff))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _log_mixture(log_a, log_b, weight_a):
     """log(weight_a a + (1 - weight_a) b) from log a and log b, 0 <= weight_a <= 1."""
     if weight_a == 1.0:
@@ -75,7 +75,7 @@ def _log_mixture(log_a, log_b, weight_a):
     return _logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _safe_exp(log_a, log_b, log_c):
     """exp(log_a + log_b - log_c), 0 where log_a or log_b is -inf."""
     if log_a == _NEG_INF or log_b == _NEG_INF:
@@ -83,7 +83,7 @@ def _safe_exp(log_a, log_b, log_c):
     return fexp(log_a + log_b - log_c)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _divergence_terms(kind, log_q, q, log_p, p, beta, e, a):
     """Per-entry value terms e and gradient terms a of a divergence (see refslm.losses._terms), float64 [V]."""
     v = log_q.shape[0]
@@ -112,7 +112,7 @@ def _divergence_terms(kind, log_q, q, log_p, p, beta, e, a):
             a[j] = e[j] - beta * _safe_exp(log_q[j], log_q[j], log_r)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _cross_entropy_row(log_q, q, target, label_smoothing, scale, grad_row):
     """Value of -sum_j w_j log q_j with w = (1 - eps) onehot(target) + eps / V; grad_row <- scale (q - w)."""
     v = log_q.shape[0]
@@ -130,7 +130,7 @@ def _cross_entropy_row(log_q, q, target, label_smoothing, scale, grad_row):
     return value
 
 
-@njit(cache=True, parallel=True)
+@ParallelKernel
 def loss_rows_kernel(kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing,
                      grad, values, student_lse, teacher_lse, n_chunks):
     """student/teacher [N, V] (teacher [0, V] for cross_entropy), targets [N] int64 -> values [N] float64,

@@ -15,6 +15,7 @@ Numba's LLVM vectorises loops only when they hold no library call and no floatin
 from __future__ import annotations
 
 import math
+from types import FunctionType
 
 import numpy as np
 from numba import njit, types
@@ -43,9 +44,10 @@ def _pow2(typingctx, n):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True)
-def _exp_poly(x, coefficients):
-    """exp(x) for float64 x: n = round(x / ln2), r = x - n ln2 (|r| <= ln2 / 2), exp(r) by Taylor,
+@njit(cache=True, error_model="numpy")
+def exp_poly(x, coefficients):
+    """exp(x) for float64 x (coefficients _TAYLOR_13: float64 accuracy; _TAYLOR_8: enough for a
+    float32 result): n = round(x / ln2), r = x - n ln2 (|r| <= ln2 / 2), exp(r) by Taylor,
     then scaled by 2^n in two exact steps (the second may round into the subnormal range)."""
     xc = min(max(x, -746.0), _EXP_MAX_X)
     n = math.floor(xc * _LOG2E + 0.5)
@@ -68,25 +70,35 @@ def fexp(x):
 @overload(fexp)
 def _fexp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: np.float32(_exp_poly(np.float64(x), _TAYLOR_8))
-    return lambda x: _exp_poly(np.float64(x), _TAYLOR_13)
+        return lambda x: np.float32(exp_poly(np.float64(x), _TAYLOR_8))
+    return lambda x: exp_poly(np.float64(x), _TAYLOR_13)
 
 
-@njit(cache=True)
-def tanh_from_exp(y):
-    """tanh(y) = sign(y) (1 - 2 / (exp(2|y|) + 1)), through fexp (vectorisable)."""
-    t = 1.0 - 2.0 / (fexp(2.0 * abs(y)) + 1.0)
+def exp_coefficients(out):
+    """The Taylor coefficients `exp_poly` needs for results in out's dtype (a compile-time constant)."""
+
+
+@overload(exp_coefficients)
+def _exp_coefficients_overload(out):
+    coefficients = _TAYLOR_8 if out.dtype.bitwidth == 32 else _TAYLOR_13
+    return lambda out: coefficients
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_from_exp(y, coefficients):
+    """tanh(y) = sign(y) (1 - 2 / (exp(2|y|) + 1)) in float64, exp from exp_poly(., coefficients)."""
+    t = 1.0 - 2.0 / (exp_poly(2.0 * abs(y), coefficients) + 1.0)
     return t if y >= 0 else -t
 
 
-@njit(cache=True)
-def sigmoid(x):
-    """1 / (1 + exp(-x)), evaluated as e / (1 + e) with e = exp(-|x|) for x < 0 (no overflow)."""
-    e = fexp(-abs(x))
+@njit(cache=True, error_model="numpy")
+def sigmoid(x, coefficients):
+    """1 / (1 + exp(-x)) in float64, as e / (1 + e) with e = exp(-|x|) for x < 0 (no overflow)."""
+    e = exp_poly(-abs(x), coefficients)
     return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def sum_reassoc(x, n):
     """sum(x[:n]) in x's dtype, the order left to the vectoriser (the function's only flag is 'reassoc')."""
     total = x.dtype.type(0)
@@ -110,7 +122,7 @@ def stack_tile(rows, dtype):
     return carray(_stack_pointer(dtype), (rows, LANES))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def max_of_lanes(x):
     """max(x[:LANES]) by a halving tree of elementwise maxima (vectorisable)."""
     tree = stack_tile(1, x.dtype)[0]
@@ -123,7 +135,7 @@ def max_of_lanes(x):
     return tree[0]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def row_max(x, n):
     """max(x[:n]) (-inf for n == 0); 64 running maxima, so the main loop vectorises."""
     lanes = stack_tile(1, x.dtype)[0]
@@ -138,3 +150,27 @@ def row_max(x, n):
     for i in range(full, n):
         best = x[i] if x[i] > best else best
     return best
+
+
+PARALLEL_MIN_WORK = 1 << 18  # below this many element operations a parallel launch costs more than it saves
+
+
+class ParallelKernel:
+    """A kernel compiled twice from one function: parallel (prange over threads) and serial.
+
+    Calling it with a work estimate picks the parallel build only for large work: a parallel launch
+    costs tens of microseconds (milliseconds when the cores are oversubscribed), more than a decode
+    step's small kernels take on one core. The serial build is a renamed copy, so the two never
+    share an on-disk cache entry.
+    """
+
+    def __init__(self, fn):
+        twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        self.__doc__ = fn.__doc__
+        self.parallel = njit(cache=True, error_model="numpy", parallel=True)(fn)
+        self.serial = njit(cache=True, error_model="numpy")(twin)
+
+    def __call__(self, work, *args):
+        """Run on args with the parallel build when work >= PARALLEL_MIN_WORK, else the serial one."""
+        return (self.parallel if work >= PARALLEL_MIN_WORK else self.serial)(*args)
