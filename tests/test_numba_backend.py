@@ -22,11 +22,11 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from refslm import backends, losses, ops  # noqa: E402
-from refslm.backends import BackendUnavailable, get_backend  # noqa: E402
+from refslm.backends import BackendUnavailable, get_backend, numba_backend  # noqa: E402
 
 NB = get_backend("numba")
 DTYPES = [np.float64, np.float32]
-SETTINGS = settings(deadline=None, max_examples=30, derandomize=True)
+SETTINGS = settings(deadline=None, max_examples=40, derandomize=True)
 
 
 def _rng(seed):
@@ -72,9 +72,9 @@ def test_fexp_accuracy_and_special_values():
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), n_kv=st.integers(1, 3), n_rep=st.sampled_from([1, 2]),
        tq=st.integers(1, 150), extra_keys=st.integers(0, 90), d=st.sampled_from([1, 7, 16, 64, 80]),
        causal=st.booleans(), interleaved=st.booleans(), fill=st.sampled_from(["finite_min", "-inf"]),
-       masked=st.booleans(), cross=st.booleans(), dtype=st.sampled_from(DTYPES))
+       masked=st.booleans(), cross=st.booleans(), rows_kernel=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_attention_matches_reference(seed, batch, n_kv, n_rep, tq, extra_keys, d, causal, interleaved, fill,
-                                     masked, cross, dtype):
+                                     masked, cross, rows_kernel, dtype):
     rng = _rng(seed)
     tk = tq + extra_keys
     q = rng.uniform(-1, 1, (batch, n_kv * n_rep, tq, d)).astype(dtype)
@@ -88,7 +88,13 @@ def test_attention_matches_reference(seed, batch, n_kv, n_rep, tq, extra_keys, d
     q_start = 0 if cross or not causal else tk - tq
     kwargs = dict(key_mask=key_mask, causal=causal and not cross, q_start=q_start, interleaved=interleaved,
                   mask_fill=fill)
-    got = NB.attention(q, k, v, **kwargs)
+    # rows_kernel: every query count through the decode kernel, else only Tq < 8 (blocked kernel otherwise)
+    saved = numba_backend.ROWS_KERNEL_MAX_QUERIES
+    numba_backend.ROWS_KERNEL_MAX_QUERIES = 1 << 30 if rows_kernel else saved
+    try:
+        got = NB.attention(q, k, v, **kwargs)
+    finally:
+        numba_backend.ROWS_KERNEL_MAX_QUERIES = saved
     want = ops.attention(q, k, v, **kwargs)
     assert got.dtype == dtype and got.shape == want.shape
     if dtype == np.float64:
@@ -282,6 +288,8 @@ def test_parallel_and_serial_builds_agree_bitwise(monkeypatch, dtype):
     def run_all():
         return [NB.attention(q, kv, kv, key_mask=rng.random((2, 90)) < 0.8, causal=True, q_start=20,
                              interleaved=False, mask_fill="-inf"),
+                NB.attention(q[:, :, :1], kv, kv, key_mask=rng.random((2, 90)) < 0.8, causal=True, q_start=60,
+                             interleaved=True, mask_fill="finite_min"),
                 *NB.loss_rows("jsd", logits, logits[::-1].copy(), None, np.ones(9), temperature=2.0, beta=0.5,
                               label_smoothing=0.0),
                 NB.rmsnorm(q, np.ones(24, dtype), 1e-6), NB.rope(q, cos, sin, "rotate_half"),

@@ -4,8 +4,9 @@ For every (batch, query head, tile of QUERY_TILE queries) the kernel walks the k
 KEY_BLOCK: scores of the block (a register-blocked micro-kernel), mask, scale, a running max and
 running sum per query row (the online softmax), and the weighted sum of the block's values. The
 [Tq, Tk] score matrix is never formed: extra memory is O(QUERY_TILE x (D + KEY_BLOCK)) per thread.
-Causal tiles skip the key blocks after their last query. Decode (Tq = 1) is the same kernel with
-one tile per head; the KV cache is read once.
+Causal tiles skip the key blocks after their last query. Decode (few queries) uses
+attention_rows_kernel instead: one query at a time over an O(Tk) score buffer, reading the KV cache
+in place.
 
 Semantics are those of refslm.ops.attention exactly (only rounding differs): a masked key gets
 weight exactly 0; a query row with no allowed key gets the mean of all Tk values (mask_fill
@@ -20,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from .numba_math import LANES, ParallelKernel, fexp, stack_tile
+from .numba_math import LANES, ParallelKernel, fexp, row_max, stack_tile, sum_reassoc
 
 KEY_BLOCK = LANES  # keys per block (one micro-kernel tile wide)
 QUERY_TILE = LANES  # queries per task (the lanes of the score micro-kernel)
@@ -178,6 +179,54 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
                 out[b, h, i0 + i] = _mean_over_time(v, b, kvh)
             else:
                 out[b, h, i0 + i] = 0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _dot(a, b):
+    """sum(a * b) over the last axis of two [D] rows (order left to the vectoriser; flag 'reassoc' only)."""
+    total = a.dtype.type(0)
+    for c in range(a.shape[0]):
+        total += a[c] * b[c]
+    return total
+
+
+@ParallelKernel
+def attention_rows_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_when_empty, out):
+    """attention_kernel's contract for few queries (decode): one query row at a time, scores over all
+    keys in an O(Tk) buffer, no copies of K and V (the KV cache is read in place, once per query)."""
+    n_batch, n_q_heads, tq, d = q.shape
+    n_kv_heads, tk = k.shape[1], k.shape[2]
+    n_rep = n_q_heads // n_kv_heads
+    sqrt_d = q.dtype.type(math.sqrt(d))
+    for task in prange(n_batch * n_q_heads * tq):
+        bh, i = task // tq, task % tq
+        b, h = bh // n_q_heads, bh % n_q_heads
+        kvh = h // n_rep if interleaved else h % n_kv_heads
+        visible = min(tk, q_start + i + 1) if causal else tk
+        scores = np.empty(max(visible, 1), q.dtype)
+        query = q[b, h, i]
+        for j in range(visible):
+            real = key_mask.shape[1] == 0 or key_mask[b, j] != 0
+            scores[j] = _dot(query, k[b, kvh, j]) / sqrt_d if real else -np.inf
+        top = row_max(scores, visible)
+        acc = np.zeros(d, q.dtype)
+        if top == -np.inf:
+            if uniform_when_empty:
+                out[b, h, i] = _mean_over_time(v, b, kvh)
+            else:
+                out[b, h, i] = 0
+            continue
+        for j in range(visible):
+            scores[j] = fexp(scores[j] - top)
+        total = sum_reassoc(scores, visible)
+        for j in range(visible):
+            weight = scores[j]
+            if weight != 0:
+                row = v[b, kvh, j]
+                for c in range(d):
+                    acc[c] += weight * row[c]
+        for c in range(d):
+            out[b, h, i, c] = acc[c] / total
 
 
 @njit(cache=True, error_model="numpy")

@@ -16,12 +16,13 @@ import numpy as np
 
 from .. import losses, ops
 from ..config import MASK_FILLS, ROPE_LAYOUTS
-from .numba_attention import attention_kernel
+from .numba_attention import attention_kernel, attention_rows_kernel
 from .numba_elementwise import ACTIVATION_CODES, activation_kernel, gated_kernel, rmsnorm_kernel, rope_kernel
 from .numba_losses import KIND_CODES, loss_rows_kernel
 from .numpy_backend import NumpyBackend
 
 _NO_KEY_MASK = np.zeros((0, 0), dtype=np.uint8)
+ROWS_KERNEL_MAX_QUERIES = 8  # fewer queries than this (decode steps) go to the row-at-a-time attention kernel
 
 
 def _activation_code(kind: str) -> int:
@@ -97,8 +98,9 @@ class NumbaBackend(NumpyBackend):
         _check_attention(q, k, v, key_mask, mask_fill)
         mask = _NO_KEY_MASK if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
         out = np.empty(q.shape, q.dtype)
-        attention_kernel(q.size * k.shape[2], q, k, v, mask, bool(causal), int(q_start), bool(interleaved),
-                         mask_fill == "finite_min", out)
+        kernel = attention_rows_kernel if q.shape[2] < ROWS_KERNEL_MAX_QUERIES else attention_kernel
+        kernel(q.size * k.shape[2], q, k, v, mask, bool(causal), int(q_start), bool(interleaved),
+               mask_fill == "finite_min", out)
         return out
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,

@@ -152,7 +152,7 @@ def row_max(x, n):
     return best
 
 
-PARALLEL_MIN_WORK = 1 << 18  # below this many element operations a parallel launch costs more than it saves
+PARALLEL_MIN_WORK = 1 << 20  # below this many element operations a parallel launch costs more than it saves
 
 
 class ParallelKernel:
