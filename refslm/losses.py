@@ -23,6 +23,7 @@ from .ops import check_float
 
 KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 NEG_INF = -np.inf
+ACCUMULATE_ROWS = 256  # rows per block when a second loss term adds into the gradient (_evaluate_direct)
 
 
 # ---------------------------------------------------------------- elementwise terms (log space)
@@ -547,23 +548,42 @@ def _kernel_arguments(plan: LossPlan, term: LossTerm, student: np.ndarray) -> tu
 
 
 def _evaluate_direct(plan: LossPlan, student: np.ndarray, kernel, grad: np.ndarray) -> np.ndarray:
-    """Direct form: each term through kernel.loss_rows on whole rows; -> per-row weighted values [N]."""
+    """Direct form: each term through kernel.loss_rows on whole rows; -> per-row weighted values [N].
+
+    The first term writes the gradient in place. On host backends a later term (kd_loss's CE) adds
+    into it a block of ACCUMULATE_ROWS rows at a time through one scratch buffer, so the extra memory
+    is one [ACCUMULATE_ROWS, V] block instead of a second [N, V] gradient.
+    """
     on_host = isinstance(kernel.asarray(np.zeros(1)), np.ndarray)
     per_row = np.zeros(student.shape[0])
     for k, term in enumerate(plan.terms):
-        kind, s, t, targets, weight = _kernel_arguments(plan, term, student)
+        if k > 0 and on_host:
+            scratch = np.empty((min(ACCUMULATE_ROWS, student.shape[0]), term.columns), dtype=student.dtype)
+            for rows in _blocks(student.shape[0], ACCUMULATE_ROWS):
+                block = plan.rows(rows)
+                values, g = _term_rows(kernel, block, k, student[rows], scratch[:rows.stop - rows.start])
+                grad[rows, :term.columns] += g
+                per_row[rows] += block.terms[k].row_weight * values
+            continue
         into = grad[:, :term.columns] if k == 0 and on_host else None
-        values, g = kernel.loss_rows(kind, kernel.asarray(s), None if t is None else kernel.asarray(t), targets,
-                                     weight, temperature=term.temperature, beta=term.beta,
-                                     label_smoothing=term.label_smoothing, grad_out=into)
+        values, g = _term_rows(kernel, plan, k, student, into)
         if k == 0:
             grad[:, term.columns:] = 0
             if into is None:
                 grad[:, :term.columns] = kernel.to_numpy(g)
         else:
             grad[:, :term.columns] += kernel.to_numpy(g)
-        per_row += weight * values
+        per_row += term.row_weight * values
     return per_row
+
+
+def _term_rows(kernel, plan: LossPlan, k: int, student: np.ndarray, grad_out) -> tuple[np.ndarray, object]:
+    """kernel.loss_rows for plan.terms[k] on student rows [n, V]; -> (values [n], grad [n, columns])."""
+    term = plan.terms[k]
+    kind, s, t, targets, weight = _kernel_arguments(plan, term, student)
+    return kernel.loss_rows(kind, kernel.asarray(s), None if t is None else kernel.asarray(t), targets, weight,
+                            temperature=term.temperature, beta=term.beta, label_smoothing=term.label_smoothing,
+                            grad_out=grad_out)
 
 
 def _evaluate_streaming(plan: LossPlan, student: np.ndarray, chunks: tuple[int, int], grad: np.ndarray) -> np.ndarray:
