@@ -70,9 +70,10 @@ def _terms(kind: str, log_q: np.ndarray, other: np.ndarray, beta: float) -> tupl
     Returns (e, a): the row value is sum_j e_j and the gradient w.r.t. z is a - q * sum_j a_j, where
     a_j = q_j * dL/dq_j (constants that cancel in a - q sum a are dropped).
     """
-    kind = _PLAIN_KL_CASES.get((kind, beta), kind)
-    if kind == "cross_entropy":  # e = -w log q, a = -w
-        e = np.where(other > 0, -other * log_q, 0.0).astype(log_q.dtype, copy=False)
+    kind = plain_kind(kind, beta)
+    if kind == "cross_entropy":  # e = -w log q, a = -w (0 where w = 0, even where log q = -inf)
+        with np.errstate(invalid="ignore"):
+            e = np.where(other > 0, -other * log_q, 0.0).astype(log_q.dtype, copy=False)
         return e, -other
     if kind == "forward_kl":  # e = p log(p/q), a = -p
         return _x_log_x_over_y(other, log_q), -np.exp(other)
@@ -144,7 +145,7 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     row's gradient is NaN (undefined: the loss is +inf on a whole neighbourhood). jsd and the
     skews with 0 < beta are always finite.
     """
-    student, teacher, targets, row_weight = _check_rows(kind, student, teacher, targets, row_weight,
+    student, teacher, targets, row_weight = check_rows(kind, student, teacher, targets, row_weight,
                                                         temperature, beta, label_smoothing, grad_out)
     n, vocab = student.shape
     grad = np.empty_like(student) if grad_out is None else grad_out
@@ -199,11 +200,11 @@ def _log_normaliser_rows(z: np.ndarray, name: str, row_weight: np.ndarray) -> tu
         total = np.sum(np.exp(z - shift[:, None]), axis=-1, dtype=np.float64)
     with np.errstate(divide="ignore"):
         log_total = np.log(total)
-    _check_logsumexp(shift + log_total, name, row_weight)
+    check_logsumexp(shift + log_total, name, row_weight)
     return shift, log_total.astype(z.dtype)
 
 
-def _check_logsumexp(lse: np.ndarray, name: str, row_weight: np.ndarray) -> None:
+def check_logsumexp(lse: np.ndarray, name: str, row_weight: np.ndarray) -> None:
     """Raise ValueError if a kept row's logsumexp is not finite (NaN, +inf, or no finite entry)."""
     bad = ~np.isfinite(lse) & (row_weight != 0)
     if bad.any():
@@ -212,44 +213,65 @@ def _check_logsumexp(lse: np.ndarray, name: str, row_weight: np.ndarray) -> None
                          "(found NaN, +inf, or only -inf)")
 
 
-def _check_rows(kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, grad_out):
-    """Validate loss_rows arguments; returns (student, teacher, targets int64, row_weight float64)."""
+def check_rows(kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, grad_out):
+    """Validate host (NumPy) loss_rows arguments; -> (student, teacher, targets int64 | None, row_weight float64)."""
+    check_float("student", student)
+    if teacher is not None:
+        check_float("teacher", teacher)
+    targets, row_weight = check_rows_contract(kind, student.shape, student.dtype,
+                                              None if teacher is None else (teacher.shape, teacher.dtype),
+                                              targets, row_weight, temperature, beta, label_smoothing)
+    if grad_out is not None and (not isinstance(grad_out, np.ndarray) or grad_out.shape != student.shape
+                                 or grad_out.dtype != student.dtype):
+        raise ValueError(f"grad_out must be an ndarray of shape {student.shape} and dtype {student.dtype}")
+    return student, teacher, targets, row_weight
+
+
+def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple[tuple[int, ...], object] | None,
+                        targets, row_weight, temperature: float, beta: float,
+                        label_smoothing: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """The loss_rows argument rules, from shapes and dtypes alone (any backend's arrays).
+
+    shape/dtype: the student's; teacher: (shape, dtype) or None. -> (targets int64 [N] or None for
+    divergences, row_weight float64 [N]). Raises ValueError naming the argument.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    check_float("student", student)
-    if student.ndim != 2 or student.shape[1] == 0:
-        raise ValueError(f"student must have shape [N, V] with V >= 1, got {student.shape}")
-    n, vocab = student.shape
+    if len(shape) != 2 or shape[1] == 0:
+        raise ValueError(f"student must have shape [N, V] with V >= 1, got {tuple(shape)}")
+    n, vocab = shape
+    row_weight = np.asarray(row_weight, dtype=np.float64)
+    if row_weight.shape != (n,):
+        raise ValueError(f"row_weight must have shape ({n},), got {row_weight.shape}")
     if kind == "cross_entropy":
         if targets is None:
             raise ValueError("targets [N] are required for kind 'cross_entropy'")
         targets = np.asarray(targets)
         if targets.dtype.kind not in "iu" or targets.shape != (n,):
             raise ValueError(f"targets must be an integer array of shape ({n},), got {targets.dtype} {targets.shape}")
-        kept = targets[np.asarray(row_weight) != 0]
+        kept = targets[row_weight != 0]
         if kept.size and (kept.min() < 0 or kept.max() >= vocab):
             raise ValueError(f"targets must lie in [0, {vocab}), got values in [{kept.min()}, {kept.max()}]")
         targets = targets.astype(np.int64, copy=False)
     else:
         if teacher is None:
             raise ValueError(f"teacher [N, V] logits are required for kind {kind!r}")
-        check_float("teacher", teacher)
-        if teacher.shape != student.shape or teacher.dtype != student.dtype:
-            raise ValueError(f"teacher must match student's shape {student.shape} and dtype {student.dtype}, "
-                             f"got {teacher.shape} {teacher.dtype}")
-    row_weight = np.asarray(row_weight, dtype=np.float64)
-    if row_weight.shape != (n,):
-        raise ValueError(f"row_weight must have shape ({n},), got {row_weight.shape}")
+        if tuple(teacher[0]) != tuple(shape) or teacher[1] != dtype:
+            raise ValueError(f"teacher must match student's shape {tuple(shape)} and dtype {dtype}, "
+                             f"got {tuple(teacher[0])} {teacher[1]}")
+        targets = None
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if grad_out is not None and (not isinstance(grad_out, np.ndarray) or grad_out.shape != student.shape
-                                 or grad_out.dtype != student.dtype):
-        raise ValueError(f"grad_out must be an ndarray of shape {student.shape} and dtype {student.dtype}")
-    return student, teacher, targets, row_weight
+    return targets, row_weight
+
+
+def plain_kind(kind: str, beta: float) -> str:
+    """The kind a (kind, beta) computes: jsd at beta 0 / 1 and the skews at beta 0 are exactly plain KLs."""
+    return _PLAIN_KL_CASES.get((kind, beta), kind)
 
 
 # ---------------------------------------------------------------- the streaming kernel
@@ -266,7 +288,7 @@ def loss_rows_streaming(kind: str, student: np.ndarray, teacher: np.ndarray | No
     a - q sum a into grad_out chunk by chunk. Temporaries never exceed a few chunk_rows x
     chunk_vocab arrays. Equal to `loss_rows` up to rounding (the logsumexp shifts differ).
     """
-    student, teacher, targets, row_weight = _check_rows(kind, student, teacher, targets, row_weight,
+    student, teacher, targets, row_weight = check_rows(kind, student, teacher, targets, row_weight,
                                                         temperature, beta, label_smoothing, grad_out)
     chunk_rows, chunk_vocab = _check_chunks((chunk_rows, chunk_vocab))
     grad = np.empty_like(student) if grad_out is None else grad_out
@@ -339,7 +361,7 @@ def _online_log_normaliser(x: np.ndarray, temperature: float, columns: list[slic
         shift = np.where(np.isfinite(shift), shift, 0.0)
         with np.errstate(divide="ignore"):
             log_total = np.log(total)
-    _check_logsumexp(shift + log_total, name, row_weight)
+    check_logsumexp(shift + log_total, name, row_weight)
     return shift.astype(x.dtype), log_total.astype(x.dtype)
 
 
@@ -590,7 +612,7 @@ def _evaluate_streaming(plan: LossPlan, student: np.ndarray, chunks: tuple[int, 
     """Streaming form: blocks of chunk_rows rows, each term streamed over chunk_vocab columns."""
     chunk_rows, chunk_vocab = chunks
     for term in plan.terms:  # validate once, before any work
-        _check_rows(*_kernel_arguments(plan, term, student), term.temperature, term.beta, term.label_smoothing, None)
+        check_rows(*_kernel_arguments(plan, term, student), term.temperature, term.beta, term.label_smoothing, None)
     per_row = np.zeros(student.shape[0])
     for rows in _blocks(student.shape[0], chunk_rows):
         block = plan.rows(rows)

@@ -37,33 +37,23 @@ inline REAL activate(REAL x, int kind) {
     return x * sigmoid_stable(x);
 }
 
-/* Tree reduction of one value per work-item over a power-of-two work-group (scratch: local, wg items).
- * Returns the reduced value to every work-item. */
-inline REAL group_sum(REAL v, __local REAL *scratch) {
-    const int lid = get_local_id(0), wg = get_local_size(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = wg / 2; s > 0; s >>= 1) {
-        if (lid < s) scratch[lid] += scratch[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
+/* Tree reductions of one value per work-item over a power-of-two work-group (scratch: local, wg
+ * items), returning the reduced value to every work-item: group_sum in REAL, group_sum_acc in ACC. */
+#define DEFINE_GROUP_SUM(NAME, T)                                         \
+    inline T NAME(T v, __local T *scratch) {                              \
+        const int lid = get_local_id(0), wg = get_local_size(0);          \
+        scratch[lid] = v;                                                 \
+        barrier(CLK_LOCAL_MEM_FENCE);                                     \
+        for (int s = wg / 2; s > 0; s >>= 1) {                            \
+            if (lid < s) scratch[lid] += scratch[lid + s];                \
+            barrier(CLK_LOCAL_MEM_FENCE);                                 \
+        }                                                                 \
+        T r = scratch[0];                                                 \
+        barrier(CLK_LOCAL_MEM_FENCE);                                     \
+        return r;                                                         \
     }
-    REAL r = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return r;
-}
-
-inline ACC group_sum_acc(ACC v, __local ACC *scratch) {
-    const int lid = get_local_id(0), wg = get_local_size(0);
-    scratch[lid] = v;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int s = wg / 2; s > 0; s >>= 1) {
-        if (lid < s) scratch[lid] += scratch[lid + s];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    ACC r = scratch[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return r;
-}
+DEFINE_GROUP_SUM(group_sum, REAL)
+DEFINE_GROUP_SUM(group_sum_acc, ACC)
 
 inline REAL group_max(REAL v, __local REAL *scratch) {
     const int lid = get_local_id(0), wg = get_local_size(0);

@@ -114,9 +114,9 @@ class NumbaBackend(NumpyBackend):
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
                   grad_out=None):
         """Per-row losses and the gradient of their weighted sum; see refslm.losses.loss_rows."""
-        student, teacher, targets, row_weight = losses._check_rows(
+        student, teacher, targets, row_weight = losses.check_rows(
             kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, grad_out)
-        kind = _exact_kind(kind, beta)
+        kind = losses.plain_kind(kind, beta)
         n, vocab = student.shape
         grad = np.empty_like(student) if grad_out is None else grad_out
         values = np.empty(n)
@@ -126,19 +126,10 @@ class NumbaBackend(NumpyBackend):
                          np.zeros(n, np.int64) if targets is None else targets, row_weight, float(temperature),
                          float(beta), float(label_smoothing), grad, values, student_lse, teacher_lse,
                          max(1, min(n, 4 * numba.get_num_threads())))
-        losses._check_logsumexp(student_lse, "student", row_weight)
+        losses.check_logsumexp(student_lse, "student", row_weight)
         if teacher is not None:
-            losses._check_logsumexp(teacher_lse, "teacher", row_weight)
+            losses.check_logsumexp(teacher_lse, "teacher", row_weight)
         return values, grad
-
-
-def _exact_kind(kind: str, beta: float) -> str:
-    """The reference's exact reductions: jsd at beta 0 / 1 and the skews at beta 0 are the plain KLs."""
-    if kind == "jsd" and beta in (0.0, 1.0):
-        return "forward_kl" if beta == 0.0 else "reverse_kl"
-    if kind in ("skew_kl", "skew_reverse_kl") and beta == 0.0:
-        return "forward_kl" if kind == "skew_kl" else "reverse_kl"
-    return kind
 
 
 def _check_attention(q, k, v, key_mask, mask_fill) -> None:

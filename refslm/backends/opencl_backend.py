@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import losses
 from ..resources import kernels_dir
 from . import BackendUnavailable
 from .base import Backend
@@ -592,35 +593,19 @@ class OpenCLBackend(Backend):
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
                   grad_out=None):
-        if kind not in LOSS_KIND_CODES:
-            raise ValueError(f"kind must be one of {tuple(LOSS_KIND_CODES)}, got {kind!r}")
         student = self._dense(student)
         dtype = self._check_dtype(student)
-        if student.ndim != 2 or student.shape[1] == 0:
-            raise ValueError(f"student must have shape [N, V] with V >= 1, got {student.shape}")
+        teacher = None if teacher is None else self._dense(teacher)
+        targets, row_weight = losses.check_rows_contract(
+            kind, student.shape, dtype, None if teacher is None else (teacher.shape, teacher.dtype), targets,
+            row_weight, temperature, beta, label_smoothing)
         n, vocab = student.shape
-        row_weight = np.asarray(row_weight, dtype=np.float64)
-        if row_weight.shape != (n,):
-            raise ValueError(f"row_weight must have shape ({n},), got {row_weight.shape}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
         kept = row_weight != 0
         if kind == "cross_entropy":
-            targets = self._check_targets(targets, n, vocab, kept)
             teacher = student
         else:
-            if teacher is None:
-                raise ValueError(f"teacher [N, V] logits are required for kind {kind!r}")
-            teacher = self._dense(teacher)
-            if teacher.shape != student.shape or teacher.dtype != dtype:
-                raise ValueError(f"teacher must match student's shape {student.shape} and dtype {dtype}, "
-                                 f"got {teacher.shape} {teacher.dtype}")
             targets = np.zeros(1, np.int64)
-        kind = self._resolve_loss_kind(kind, beta)
+        kind = losses.plain_kind(kind, beta)
         if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != dtype
                                      or not grad_out.is_dense):
             raise ValueError(f"grad_out must be a dense device array of shape {student.shape} and dtype {dtype}")
@@ -649,23 +634,3 @@ class OpenCLBackend(Backend):
                              "value (found NaN, +inf, or only -inf)")
         return self.to_numpy(values).astype(np.float64), grad
 
-    @staticmethod
-    def _check_targets(targets, n: int, vocab: int, kept: np.ndarray) -> np.ndarray:
-        if targets is None:
-            raise ValueError("targets [N] are required for kind 'cross_entropy'")
-        targets = np.asarray(targets)
-        if targets.dtype.kind not in "iu" or targets.shape != (n,):
-            raise ValueError(f"targets must be an integer array of shape ({n},), got {targets.dtype} {targets.shape}")
-        used = targets[kept]
-        if used.size and (used.min() < 0 or used.max() >= vocab):
-            raise ValueError(f"targets must lie in [0, {vocab}), got values in [{used.min()}, {used.max()}]")
-        return targets.astype(np.int64)
-
-    @staticmethod
-    def _resolve_loss_kind(kind: str, beta: float) -> str:
-        """The end points where a mixture kind is exactly a plain KL (as refslm.losses does)."""
-        if kind in ("jsd", "skew_kl") and beta == 0.0:
-            return "forward_kl"
-        if kind == "skew_reverse_kl" and beta == 0.0 or kind == "jsd" and beta == 1.0:
-            return "reverse_kl"
-        return kind
