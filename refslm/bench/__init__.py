@@ -47,15 +47,23 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
+def add_backend_argument(parser) -> None:
+    """`--backend NAME [NAME ...]`, also repeatable; default (None): every installed backend."""
+    parser.add_argument("--backend", nargs="+", action="extend", metavar="NAME",
+                        help="backends to run: numpy, numba, opencl (default: every installed one)")
+
+
+def selected_backends(args) -> list[str]:
+    """The --backend names in order without repeats, or every installed backend when none was given."""
+    from ..backends import available_backends
+
+    return list(dict.fromkeys(args.backend)) if args.backend else available_backends()
+
+
 def bench_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     for name, help_text in SUITES.items():
-        p = sub.add_parser(name, help=help_text)
-        try:
-            module = importlib.import_module(f"refslm.bench.{name}")
-        except ModuleNotFoundError:
-            continue
-        module.arguments(p)
+        importlib.import_module(f"refslm.bench.{name}").arguments(sub.add_parser(name, help=help_text))
 
 
 def bench_command(args) -> int:

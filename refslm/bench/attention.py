@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from . import peak_extra_bytes, time_call
+from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
 
 
 def arguments(parser) -> None:
@@ -21,8 +21,7 @@ def arguments(parser) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
-    parser.add_argument("--backend", nargs="+", default=["numpy", "numba", "opencl"],
-                        help="backends to time (numpy is always the baseline); missing ones are skipped")
+    add_backend_argument(parser)  # numpy is always the baseline
 
 
 def _numba_scratch_bytes(args, threads: int) -> int:
@@ -40,7 +39,7 @@ def run(args) -> int:
     rng = np.random.default_rng(0)
     shape = (1, args.heads, args.tokens, args.head_dim)
     q, k, v = (rng.standard_normal(shape).astype(args.dtype) for _ in range(3))
-    names = ["numpy"] + [n for n in args.backend if n != "numpy"]
+    names = ["numpy"] + [n for n in selected_backends(args) if n != "numpy"]
     print(f"attention {shape} {args.dtype}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"[T, T] scores = {args.heads * args.tokens ** 2 * np.dtype(args.dtype).itemsize / 2**20:.0f} MiB")
     print(f"{'case':<15}{'backend':<9}{'median s':>10}{'peak extra MiB':>16}{'vs numpy':>10}")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import time_call
+from . import add_backend_argument, selected_backends, time_call
 
 
 def arguments(parser) -> None:
     parser.add_argument("--sizes", default="256,512,1024", help="comma-separated square sizes n (default %(default)s)")
     parser.add_argument("--gemv", default="4096,1024", help="N,K of the decode GEMV (default %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--backends", default="numpy,opencl", help="comma-separated (default %(default)s)")
+    add_backend_argument(parser)
     parser.add_argument("--tiles", default="", help="OpenCL GEMM tiles to sweep, ';'-separated 'TM,TN,TK,RM,RN'")
     parser.add_argument("--repeat", type=int, default=5)
 
@@ -76,7 +76,7 @@ def run(args) -> int:
     dtype = np.dtype(args.dtype)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     tiles = [t for t in args.tiles.split(";") if t]
-    runners = _runners([b for b in args.backends.split(",") if b], tiles)
+    runners = _runners(selected_backends(args), tiles)
     rng = np.random.default_rng(0)
     ok = True
     print(f"{'case':>18} {'backend':>34} {'median ms':>10} {'rate':>15} {'vs numpy':>8} {'rel err':>9}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import peak_extra_bytes, time_call
+from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
 
 
 def arguments(parser) -> None:
@@ -23,6 +23,7 @@ def arguments(parser) -> None:
     parser.add_argument("--chunk-vocab", type=int, default=4096, help="streaming form: vocabulary columns per chunk")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per form (median reported)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    add_backend_argument(parser)  # the NumPy direct and streaming forms are always the baseline
 
 
 def _inputs(rows: int, vocab: int, dtype: str):
@@ -80,13 +81,11 @@ def _resident_kib(field: str) -> int:
 
 
 def run(args) -> int:
-    from ..backends import available_backends
-
     student, teacher, targets = _inputs(args.rows, args.vocab, args.dtype)
     cases = [("numpy direct", _refslm_case(student, teacher, targets), "tracemalloc"),
              (f"numpy streaming {args.chunk_rows}x{args.chunk_vocab}",
               _refslm_case(student, teacher, targets, chunk_size=(args.chunk_rows, args.chunk_vocab)), "tracemalloc")]
-    for name in available_backends():
+    for name in selected_backends(args):
         if name != "numpy":
             cases.append((f"{name} direct", _refslm_case(student, teacher, targets, backend=name), "tracemalloc"))
     if not args.no_torch:

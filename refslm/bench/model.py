@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import flops
 from ..config import PRESETS
-from . import time_call
+from . import add_backend_argument, selected_backends, time_call
 
 GEMM_GFLOPS = 185.0  # anchors.md: float32 GEMM through OpenBLAS, 2 cores, 180-190 GFLOP/s
 BANDWIDTH_GBS = (25.0, 36.0)  # anchors.md: streaming read / large GEMV
@@ -94,7 +94,7 @@ def arguments(parser) -> None:
     parser.add_argument("--input-len", type=int, default=1024, help="encoder input / prompt length")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--backend", action="append", help="backend (repeatable; default: every installed one)")
+    add_backend_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--repeat", type=int, default=2, help="timed runs (median reported) after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
@@ -105,14 +105,14 @@ def arguments(parser) -> None:
 
 def run(args) -> int:
     """Build the model once (random weights from --seed), time every backend, print the table."""
-    from ..backends import BackendUnavailable, available_backends
+    from ..backends import BackendUnavailable
     from ..models import from_params, init
 
     for option in ("input_len", "new_tokens", "batch", "repeat"):
         if getattr(args, option) < 1:
             raise SystemExit(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     cfg = PRESETS[args.preset]()
-    backends = args.backend or available_backends()
+    backends = selected_backends(args)
     print(f"refslm bench model: {args.preset}, input {args.input_len}, {args.new_tokens} new tokens, batch "
           f"{args.batch}, {args.dtype}, backends {backends}, median of {args.repeat}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -1,0 +1,49 @@
+"""Benchmark harness: the measuring helpers and every `refslm bench` suite end to end at tiny sizes.
+
+Nothing here asserts a speed (timings vary on shared machines); it checks that each suite runs,
+reports every requested backend, and that the helpers measure what they claim.
+"""
+
+import numpy as np
+import pytest
+
+from refslm.backends import available_backends
+from refslm.bench import peak_extra_bytes, time_call
+from refslm.cli import main
+
+
+def test_peak_extra_bytes_sees_a_numpy_allocation():
+    nbytes = 8 * 1_000_000
+    assert peak_extra_bytes(lambda: np.ones(1_000_000)) >= nbytes
+    kept = np.ones(1_000_000)  # live before the measurement: not "extra"
+    assert peak_extra_bytes(lambda: kept.sum()) < nbytes // 8
+
+
+def test_time_call_reports_median_min_max():
+    calls = []
+    stats = time_call(lambda: calls.append(1), repeat=3, warmup=2)
+    assert len(calls) == 5
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+
+
+BACKENDS = [b for b in ("numpy", "numba") if b in available_backends()]
+
+
+@pytest.mark.parametrize("argv", [
+    ["loss", "--rows", "16", "--vocab", "40", "--repeat", "1", "--no-torch"],
+    ["attention", "--tokens", "24", "--heads", "2", "--head-dim", "8", "--repeat", "1"],
+    ["gemm", "--sizes", "32", "--gemv", "64,32", "--repeat", "1"],
+    ["model", "--preset", "tiny", "--input-len", "8", "--new-tokens", "2", "--repeat", "1"],
+])
+def test_bench_suite_runs_and_reports_each_backend(argv, capsys):
+    assert main(["bench", *argv, "--backend", *BACKENDS]) == 0
+    out = capsys.readouterr().out
+    for name in BACKENDS:
+        assert name in out, f"bench {argv[0]} printed no row for backend {name}"
+
+
+def test_bench_unknown_suite_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "speed"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
