@@ -51,13 +51,6 @@ class NumbaBackend(NumpyBackend):
     name = "numba"
     dtypes = ("float32", "float64")
 
-    def linear(self, x, weight, bias=None):
-        """[..., in], [out, in], [out] -> [..., out]: BLAS GEMM, bias added in place (no second array)."""
-        y = x @ weight.T
-        if bias is not None:
-            y += bias
-        return y
-
     def rmsnorm(self, x, weight, eps, unit_offset=False):
         """[..., C], [C] -> [..., C]; see ops.rmsnorm (the sum of squares accumulates in float64)."""
         ops.check_float("x", x)
