@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import flops
 from ..config import DecoderOnlyConfig, EncoderDecoderConfig, paper_330m
-from . import peak_extra_bytes, time_call
+from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
 
 # The paper's claims as ED/DO ratios (lower is better except throughput).
 PAPER = {
@@ -296,7 +296,7 @@ def arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, help=f"tokens generated (default {FULL['new_tokens']})")
     parser.add_argument("--repeat", type=int,
                         help=f"timed runs per measurement, median reported (default {FULL['repeat']})")
-    parser.add_argument("--backend", action="append", help="backend (repeatable; default: every installed one)")
+    add_backend_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -305,15 +305,13 @@ def arguments(parser) -> None:
 
 def run(args) -> int:
     """Resolve defaults (--quick or full), measure, print the table, write outputs; 1 if FLOP counts disagree."""
-    from ..backends import available_backends
-
     defaults = QUICK if args.quick else FULL
     settings = {name: getattr(args, name) or defaults[name] for name in ("sizes", "lengths", "new_tokens", "repeat")}
     for option, values, least in (("--lengths", settings["lengths"], 1), ("--new-tokens", [settings["new_tokens"]], 2),
                                   ("--repeat", [settings["repeat"]], 1), ("--batch", [args.batch], 1)):
         if min(values) < least:
             raise SystemExit(f"{option} must be >= {least}, got {values}")
-    backends = args.backend or available_backends()
+    backends = selected_backends(args)
     print(f"refslm bench paper: sizes {settings['sizes']}, lengths {settings['lengths']}, "
           f"{settings['new_tokens']} new tokens, median of {settings['repeat']}, backends {backends}")
     result = measure(list(settings["sizes"]), list(settings["lengths"]), settings["new_tokens"], settings["repeat"],
