@@ -8,10 +8,11 @@ SPEC.md section "Configurations" is the normative description.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ROPE_TYPES = ("default", "linear", "dynamic")
+ROPE_TYPES = ("default", "linear", "dynamic", "longrope")
 MASK_FILLS = ("finite_min", "-inf")
 ROPE_LAYOUTS = ("rotate_half", "interleaved")
 DO_LAYOUTS = ("mu", "llama", "phi3")
@@ -42,7 +43,13 @@ class _AttentionFields:
     block_size: int = 1024
     rope_theta: float = 10000.0
     rope_factor: float = 1.0
-    rope_type: str = "dynamic"  # dynamic (Mu NTK, only when rope_factor > 1) | linear | default
+    rope_type: str = "dynamic"  # dynamic (Mu NTK, only when rope_factor > 1) | linear | default | longrope
+    # longrope (Phi-3 / Phi-3.5) only: per-frequency factors [D/2] for sequences of at most / more than
+    # rope_original_max_position tokens, and the cos/sin scale (None: derived from block_size, SPEC 2.3)
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_original_max_position: int | None = None
+    rope_attention_factor: float | None = None
     rope_layout: str = "rotate_half"  # rotate_half | interleaved (pairs (2i, 2i+1))
     pad_token_id: int | None = 0  # None: no id is padding, no key is masked (HF configs with pad null)
     bos_token_id: int = 1
@@ -87,6 +94,7 @@ class _AttentionFields:
             raise ConfigError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ConfigError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        self._validate_longrope()
         if self.mask_fill not in MASK_FILLS:
             raise ConfigError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
         if self.norm_eps <= 0:
@@ -97,6 +105,35 @@ class _AttentionFields:
                 continue
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} must be in [0, vocab_size={self.vocab_size})")
+
+    def _validate_longrope(self) -> None:
+        """longrope needs both factor vectors (D/2 positive finite numbers, stored as float tuples) and
+        rope_original_max_position; the other RoPE types must leave the longrope fields None."""
+        names = ("rope_short_factor", "rope_long_factor", "rope_original_max_position")
+        if self.rope_type != "longrope":
+            set_fields = [n for n in (*names, "rope_attention_factor") if getattr(self, n) is not None]
+            if set_fields:
+                raise ConfigError(f"{set_fields} are only used by rope_type 'longrope', got {self.rope_type!r}")
+            return
+        if self.rope_factor != 1.0:
+            raise ConfigError(f"rope_factor is not used by rope_type 'longrope' (must be 1), got {self.rope_factor}")
+        half = self.resolved_head_dim // 2
+        for name in names[:2]:
+            value = getattr(self, name)
+            try:
+                factors = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a sequence of {half} numbers, got {value!r}") from None
+            if len(factors) != half or not all(math.isfinite(v) and v > 0 for v in factors):
+                raise ConfigError(f"{name} must hold head_dim/2 = {half} finite numbers > 0, got {value!r}")
+            setattr(self, name, factors)
+        _check_positive_int(self, "rope_original_max_position")
+        factor = self.rope_attention_factor
+        if factor is not None:
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor) \
+                    or factor <= 0:
+                raise ConfigError(f"rope_attention_factor must be a finite number > 0 or None, got {factor!r}")
+            self.rope_attention_factor = float(factor)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

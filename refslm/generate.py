@@ -12,6 +12,8 @@ Its logits equal those of `model.logits` over the whole prefix (SPEC.md "Generat
   - dynamic NTK (rope_type 'dynamic', rope_factor > 1): the RoPE base depends on the total length,
     so once it exceeds block_size every cached key is stale; the decoder then recomputes the whole
     prefix (and refills the cache) whenever the base changes, which keeps the logits exact.
+  - longrope: the same recomputation once the length passes rope_original_max_position and the
+    long factors replace the short ones (`Model.rope_key` names what the cached keys depend on).
 Sampling (`sample_tokens`) draws from an explicit numpy Generator(seed): a seed gives the same tokens.
 """
 
@@ -86,14 +88,15 @@ class CachedDecoder:
 
     def _run(self, start: int) -> np.ndarray:
         """Run the decoder over times start..length-1 (caches hold 0..start-1) -> [B, V] last logits."""
-        self.base = self.model.rope_base(self.length)
+        self.rope_key = self.model.rope_key(self.length)
         logits = self.model.decode(self.ids[:, start:self.length], positions=self._positions(start, self.length),
                                    mask_ids=self.ids[:, :self.length], start=start, caches=self.caches,
                                    cross=self.cross, last_only=True)
         return logits[:, -1]
 
     def step(self, token_ids: Any) -> np.ndarray:
-        """[B] int next tokens -> [B, V] logits of the position after them (recomputed if the NTK base moved)."""
+        """[B] int next tokens -> [B, V] logits of the position after them (all recomputed if the RoPE
+        tables changed with the length: NTK base, longrope factors)."""
         tokens = np.asarray(token_ids)
         if tokens.shape != (self.ids.shape[0],) or tokens.dtype.kind not in "iu":
             raise ValueError(f"token_ids must be an int array of shape ({self.ids.shape[0]},), got "
@@ -103,7 +106,7 @@ class CachedDecoder:
             raise ValueError(f"CachedDecoder capacity {self.ids.shape[1]} is full")
         self.ids[:, self.length] = tokens
         self.length += 1
-        stale = self.model.rope_base(self.length) != self.base
+        stale = self.model.rope_key(self.length) != self.rope_key
         self.logits = self._run(0 if stale else self.length - 1)
         return self.logits
 

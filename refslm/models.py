@@ -351,14 +351,24 @@ class Model:
         """positions [T] or [B, T] -> cos, sin [1 or B, T, D] float64 for a sequence of seq_len tokens.
 
         rope_type 'dynamic' with rope_factor > 1: NTK base from ops.rope_theta_for_length(seq_len);
-        'linear': positions / rope_factor; 'default': neither.
+        'linear': positions / rope_factor; 'longrope': inv_freq divided by the long factors when
+        seq_len > rope_original_max_position (else the short ones), cos and sin times the attention
+        factor (rope_attention_factor, or ops.longrope_attention_factor(block_size / original max));
+        'default': none of these.
         """
         cfg = self.config
-        theta, linear_factor = self.rope_base(seq_len), 1.0
-        if cfg.rope_type == "linear":
-            linear_factor = cfg.rope_factor
+        theta, uses_long = self.rope_key(seq_len)
+        linear_factor = cfg.rope_factor if cfg.rope_type == "linear" else 1.0
+        ext_factors, scale = None, 1.0
+        if cfg.rope_type == "longrope":
+            ext_factors = cfg.rope_long_factor if uses_long else cfg.rope_short_factor
+            scale = cfg.rope_attention_factor
+            if scale is None:
+                original = cfg.rope_original_max_position
+                scale = ops.longrope_attention_factor(cfg.block_size / original, original)
         positions = np.atleast_2d(positions)
-        return ops.rope_cos_sin(positions, cfg.resolved_head_dim, theta, cfg.rope_layout, linear_factor)
+        return ops.rope_cos_sin(positions, cfg.resolved_head_dim, theta, cfg.rope_layout, linear_factor,
+                                ext_factors, scale)
 
     def rope_base(self, seq_len: int) -> float:
         """The RoPE theta used for a sequence of seq_len tokens (changes with seq_len only under dynamic NTK)."""
@@ -367,6 +377,13 @@ class Model:
             return cfg.rope_theta
         return ops.rope_theta_for_length(cfg.rope_theta, cfg.resolved_head_dim, seq_len, cfg.rope_factor,
                                          cfg.block_size)
+
+    def rope_key(self, seq_len: int) -> tuple[float, bool]:
+        """What the RoPE tables of a seq_len-token sequence depend on besides the positions:
+        (rope_base(seq_len), whether longrope uses its long factors). Cached keys stay valid while it holds."""
+        cfg = self.config
+        uses_long = cfg.rope_type == "longrope" and seq_len > cfg.rope_original_max_position
+        return self.rope_base(seq_len), uses_long
 
     # ---- pieces
     def embed(self, ids: np.ndarray) -> Array:

@@ -134,9 +134,25 @@ def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- rotary position embedding
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """-> [D/2] float64: theta^(-2j/D) for j = 0 .. D/2-1."""
-    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def rope_inv_freq(head_dim: int, theta: float, ext_factors: np.ndarray | None = None) -> np.ndarray:
+    """-> [D/2] float64: theta^(-2j/D) for j = 0 .. D/2-1, divided by ext_factors [D/2] when given (longrope)."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if ext_factors is None:
+        return inv_freq
+    ext = np.asarray(ext_factors, dtype=np.float64)
+    if ext.shape != inv_freq.shape:
+        raise ValueError(f"ext_factors must have shape ({head_dim // 2},) (head_dim/2), got {ext.shape}")
+    return inv_freq / ext
+
+
+def longrope_attention_factor(factor: float, original_max_position: int) -> float:
+    """The longrope cos/sin scale: sqrt(1 + log(factor) / log(original_max_position)), 1 when factor <= 1.
+
+    factor is the context extension max_position / original_max_position (Phi-3's default).
+    """
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position))
 
 
 def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: float, block_size: int) -> float:
@@ -156,20 +172,24 @@ def centred_positions(length: int) -> np.ndarray:
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str = "rotate_half",
-                 linear_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 linear_factor: float = 1.0, ext_factors: np.ndarray | None = None,
+                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """[..., T] positions -> cos, sin [..., T, D] float64.
 
-    angle[t, j] = (pos[t] / linear_factor) * inv_freq[j]. rotate_half repeats the D/2 angles as
-    cat(a, a); interleaved repeats each angle twice (a0, a0, a1, a1, ...).
+    angle[t, j] = (pos[t] / linear_factor) * inv_freq[j] (inv_freq from rope_inv_freq with the
+    longrope ext_factors [D/2], if any). rotate_half repeats the D/2 angles as cat(a, a);
+    interleaved repeats each angle twice (a0, a0, a1, a1, ...). Both tables are multiplied by scale
+    (longrope's attention factor).
     """
-    angles = (np.asarray(positions, dtype=np.float64) / linear_factor)[..., None] * rope_inv_freq(head_dim, theta)
+    inv_freq = rope_inv_freq(head_dim, theta, ext_factors)
+    angles = (np.asarray(positions, dtype=np.float64) / linear_factor)[..., None] * inv_freq
     if layout == "rotate_half":
         full = np.concatenate([angles, angles], axis=-1)
     elif layout == "interleaved":
         full = np.repeat(angles, 2, axis=-1)
     else:
         raise ValueError(f"rope layout must be 'rotate_half' or 'interleaved', got {layout!r}")
-    return np.cos(full), np.sin(full)
+    return np.cos(full) * scale, np.sin(full) * scale  # exact when scale == 1
 
 
 def rotate(x: np.ndarray, layout: str) -> np.ndarray:

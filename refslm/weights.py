@@ -23,6 +23,7 @@ import numpy as np
 
 from .config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig
 from .models import ParameterError, from_params
+from .ops import longrope_attention_factor
 from .safetensors_io import FLOAT_STORAGE, SafetensorsError, read_header, read_safetensors, write_safetensors
 
 Config = EncoderDecoderConfig | DecoderOnlyConfig
@@ -35,13 +36,13 @@ TIED_HEAD = "lm_head.weight"
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
 HF_MODEL_TYPES = {"llama": "llama", "phi3": "phi3"}
 HF_ARCHITECTURE_OF = {layout: arch for arch, layout in HF_ARCHITECTURES.items()}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")  # refslm rope_type has the same names
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "longrope")  # refslm rope_type has the same names
 # transformers' class defaults for keys a config.json may leave out
 HF_DEFAULTS = {
     "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
-              "pad_token_id": None},
+              "pad_token_id": None, "original_max_position_embeddings": None},  # None: max_position_embeddings
     "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 32000,
-             "pad_token_id": 32000},
+             "pad_token_id": 32000, "original_max_position_embeddings": 4096},
 }
 HF_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 # refslm config fields that Mu config.json files carry but that are derived, not settable
@@ -74,9 +75,15 @@ def hf_layout(data: dict[str, Any]) -> str | None:
     return None
 
 
-def hf_rope(data: dict[str, Any]) -> tuple[float, str, float]:
-    """config.json -> (rope_theta, rope_type, rope_factor), from transformers-5 `rope_parameters` or
-    transformers-4 top-level `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor"})."""
+def hf_rope(data: dict[str, Any], layout: str) -> dict[str, Any]:
+    """config.json -> the refslm RoPE config fields, from transformers-5 `rope_parameters` or
+    transformers-4 top-level `rope_theta` + `rope_scaling` ({"type" | "rope_type", "factor"}).
+
+    longrope (Phi-3 / Phi-3.5): `short_factor`, `long_factor`, `attention_factor` (optional; when
+    absent but `factor` is given, it is derived from `factor`), `original_max_position_embeddings`
+    (the top-level key wins, as in transformers; else the RoPE dict's; else 4096 for Phi-3 and
+    max_position_embeddings for Llama).
+    """
     params = data.get("rope_parameters")
     if params is None:
         params = dict(data.get("rope_scaling") or {})
@@ -86,11 +93,25 @@ def hf_rope(data: dict[str, Any]) -> tuple[float, str, float]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"config.json: RoPE type {rope_type!r} is not supported (supported: "
-                              f"{SUPPORTED_ROPE_TYPES}; llama3, yarn, longrope are not implemented)")
+                              f"{SUPPORTED_ROPE_TYPES}; llama3, yarn are not implemented)")
     if params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
-    factor = 1.0 if rope_type == "default" else float(params.get("factor", 1.0))
-    return float(params.get("rope_theta", data.get("rope_theta", 10000.0))), rope_type, factor
+    fields = {"rope_theta": float(params.get("rope_theta", data.get("rope_theta", 10000.0))), "rope_type": rope_type,
+              "rope_factor": 1.0 if rope_type in ("default", "longrope") else float(params.get("factor", 1.0))}
+    if rope_type == "longrope":
+        missing = [k for k in ("short_factor", "long_factor") if k not in params]
+        if missing:
+            raise CheckpointError(f"config.json: longrope RoPE parameters lack {missing}")
+        original = data.get("original_max_position_embeddings", params.get(
+            "original_max_position_embeddings", HF_DEFAULTS[layout]["original_max_position_embeddings"]))
+        if original is None:
+            original = data.get("max_position_embeddings", HF_DEFAULTS[layout]["max_position_embeddings"])
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None and params.get("factor") is not None and isinstance(original, int):
+            attention_factor = longrope_attention_factor(float(params["factor"]), original)
+        fields.update(rope_short_factor=params["short_factor"], rope_long_factor=params["long_factor"],
+                      rope_original_max_position=original, rope_attention_factor=attention_factor)
+    return fields
 
 
 def _token_id(data: dict[str, Any], name: str, layout: str) -> int | None:
@@ -119,7 +140,6 @@ def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
     if window is not None and window < max_positions:
         raise CheckpointError(f"config.json: sliding_window={window} < max_position_embeddings={max_positions} "
                               "is not supported (sliding-window attention is not implemented)")
-    theta, rope_type, factor = hf_rope(data)
     is_llama = layout == "llama"
     try:
         return DecoderOnlyConfig(
@@ -127,8 +147,7 @@ def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
             hidden_dim=data["intermediate_size"], n_head=data["num_attention_heads"],
             n_kv_head=data.get("num_key_value_heads") or data["num_attention_heads"],
             head_dim=data.get("head_dim") if is_llama else None, is_interleaved=True,
-            block_size=max_positions, rope_theta=theta, rope_factor=factor, rope_type=rope_type,
-            rope_layout="rotate_half", vocab_size=data["vocab_size"],
+            block_size=max_positions, **hf_rope(data, layout), rope_layout="rotate_half", vocab_size=data["vocab_size"],
             pad_token_id=_token_id(data, "pad_token_id", layout), bos_token_id=_token_id(data, "bos_token_id", layout),
             eos_token_id=_token_id(data, "eos_token_id", layout),
             norm_eps=data.get("rms_norm_eps", HF_DEFAULTS[layout]["rms_norm_eps"]),
@@ -157,9 +176,7 @@ def config_to_hf(config: DecoderOnlyConfig, storage: str) -> dict[str, Any]:
         problems.append(f"head_dim={config.resolved_head_dim} != n_embd / n_head (Phi-3 derives it)")
     if problems:
         raise CheckpointError(f"cannot save as Hugging Face {config.layout}: " + "; ".join(problems))
-    rope_type = "default" if config.rope_type == "default" or config.rope_factor == 1.0 else config.rope_type
-    scaling = None if rope_type == "default" else {"rope_type": rope_type, "type": rope_type,
-                                                   "factor": config.rope_factor}
+    scaling = hf_rope_scaling(config)
     data: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURE_OF[config.layout]], "model_type": config.layout,
         "hidden_size": config.n_embd, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layer,
@@ -175,8 +192,22 @@ def config_to_hf(config: DecoderOnlyConfig, storage: str) -> dict[str, Any]:
         data.update(head_dim=config.resolved_head_dim, attention_bias=config.attention_bias,
                     mlp_bias=config.mlp_bias)
     else:
-        data.update(original_max_position_embeddings=config.block_size)
+        data.update(original_max_position_embeddings=config.rope_original_max_position or config.block_size)
     return data
+
+
+def hf_rope_scaling(config: DecoderOnlyConfig) -> dict[str, Any] | None:
+    """The transformers-4 `rope_scaling` dict of config (None for plain RoPE); `rope_parameters` adds rope_theta."""
+    if config.rope_type == "longrope":
+        scaling = {"short_factor": list(config.rope_short_factor), "long_factor": list(config.rope_long_factor),
+                   "original_max_position_embeddings": config.rope_original_max_position}
+        if config.rope_attention_factor is not None:
+            scaling["attention_factor"] = config.rope_attention_factor
+    elif config.rope_type == "default" or config.rope_factor == 1.0:
+        return None
+    else:
+        scaling = {"factor": config.rope_factor}
+    return {"rope_type": config.rope_type, "type": config.rope_type, **scaling}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

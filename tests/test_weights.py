@@ -203,7 +203,7 @@ def test_hf_defaults_and_token_id_lists():
     assert phi3.layout == "phi3" and phi3.resolved_head_dim == 16 and not phi3.attention_bias
 
 
-@pytest.mark.parametrize("rope_type", ["llama3", "yarn", "longrope"])
+@pytest.mark.parametrize("rope_type", ["llama3", "yarn"])
 def test_unsupported_rope_types_are_named(rope_type):
     with pytest.raises(CheckpointError, match=f"RoPE type '{rope_type}' is not supported"):
         config_from_dict(hf_llama(rope_scaling={"rope_type": rope_type, "factor": 8.0}))
