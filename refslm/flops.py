@@ -186,10 +186,18 @@ def _check_lengths(input_len: int, batch: int) -> None:
 
 
 def _check_cache_reused(cfg: Config, length: int) -> None:
-    """Dynamic NTK changes the RoPE base past block_size and generation then recomputes the prefix."""
+    """A decode step reaching `length` tokens must reuse the KV cache, else the counts do not hold.
+
+    Dynamic NTK changes the RoPE base at every length past block_size; longrope switches from the
+    short to the long factors once, at the step whose length is original_max + 1. Generation then
+    recomputes the prefix (refslm.generate.CachedDecoder), which these counts do not include.
+    """
     if cfg.rope_type == "dynamic" and cfg.rope_factor > 1 and length > cfg.block_size:
         raise ValueError(f"analytic counts assume the KV cache is reused; with dynamic NTK (rope_factor "
                          f"{cfg.rope_factor}) a sequence of {length} > block_size {cfg.block_size} recomputes it")
+    if cfg.rope_type == "longrope" and length == cfg.rope_original_max_position + 1:
+        raise ValueError(f"analytic counts assume the KV cache is reused; with longrope the decode step reaching "
+                         f"{length} tokens switches to the long factors and recomputes it")
 
 
 # ---------------------------------------------------------------- public FLOP counts

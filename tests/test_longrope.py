@@ -220,3 +220,14 @@ def test_hf_config_without_factors_is_named():
         config_from_dict(phi35_style(rope_scaling={"type": "longrope", "short_factor": list(SHORT)}))
     with pytest.raises(CheckpointError, match="rope_short_factor must hold head_dim/2 = 8"):
         config_from_dict(phi35_style(rope_scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}))
+
+
+def test_flop_counts_refuse_the_step_that_switches_factors():
+    """The decode step reaching original_max + 1 tokens recomputes the cache: the counts must say so."""
+    from refslm import flops
+
+    cfg = phi3_longrope()
+    flops.generation_flops(cfg, 4, 12)  # 4 + 11 = 15 tokens: short factors throughout, cache reused
+    flops.generation_flops(cfg, 20, 8)  # prefill already past the switch: long factors, cache reused
+    with pytest.raises(ValueError, match="longrope"):
+        flops.generation_flops(cfg, 10, 8)  # crosses 16 -> 17 while decoding
