@@ -91,6 +91,7 @@ def hf_rope(data: dict[str, Any], layout: str) -> dict[str, Any]:
     elif not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise CheckpointError(f"config.json: rope_parameters must be one flat dict, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)  # early Phi-3 configs name longrope "su"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"config.json: RoPE type {rope_type!r} is not supported (supported: "
                               f"{SUPPORTED_ROPE_TYPES}; llama3, yarn are not implemented)")

@@ -190,6 +190,7 @@ def test_transformers_4_and_5_forms_agree():
     v5 = config_from_dict(phi35_style(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                                                        "original_max_position_embeddings": 4096, **factors}))
     assert v4 == v5
+    assert config_from_dict(phi35_style(rope_scaling={"type": "su", **factors})) == v4  # early Phi-3 name
     assert (v4.rope_type, v4.rope_short_factor, v4.rope_long_factor) == ("longrope", SHORT, LONG)
     assert (v4.rope_original_max_position, v4.rope_attention_factor, v4.block_size) == (4096, None, 131072)
     cos, _ = models.init(v4, seed=0, dtype="float64").rope(np.array([0]), 8)
