@@ -117,11 +117,15 @@ def ntk_theta(theta, head_dim, seq_len, factor, block_size):
     return theta * ((factor * length / block_size) - (factor - 1.0)) ** (head_dim / (head_dim - 2))
 
 
-def t_rope_cos_sin(positions, head_dim, theta, layout, linear_factor=1.0):
-    """positions [..., T] -> cos, sin [..., T, D] float64."""
+def t_rope_cos_sin(positions, head_dim, theta, layout, linear_factor=1.0, ext_factors=None, scale=1.0):
+    """positions [..., T] -> cos, sin [..., T, D] float64 (longrope: inv_freq / ext_factors, cos/sin * scale)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=F64) / head_dim)
+    if ext_factors is not None:
+        inv_freq = inv_freq / torch.tensor(ext_factors, dtype=F64)
     angles = (positions.to(F64) / linear_factor)[..., None] * inv_freq
     full = torch.cat([angles, angles], -1) if layout == "rotate_half" else angles.repeat_interleave(2, -1)
+    if scale != 1.0:
+        return full.cos() * scale, full.sin() * scale
     return full.cos(), full.sin()
 
 
@@ -490,6 +494,12 @@ def rope_tables(cfg: dict, positions: torch.Tensor, seq_len: int):
         theta = ntk_theta(theta, head_dim(cfg), seq_len, cfg["rope_factor"], cfg["block_size"])
     elif cfg["rope_type"] == "linear":
         linear = cfg["rope_factor"]
+    elif cfg["rope_type"] == "longrope":  # Phi-3.5: long factors past original_max; scale from block_size
+        original = cfg["rope_original_max_position"]
+        factors = cfg["rope_long_factor"] if seq_len > original else cfg["rope_short_factor"]
+        ratio = cfg["block_size"] / original
+        scale = math.sqrt(1 + math.log(ratio) / math.log(original)) if ratio > 1 else 1.0
+        return t_rope_cos_sin(positions, head_dim(cfg), theta, cfg["rope_layout"], 1.0, factors, scale)
     return t_rope_cos_sin(positions, head_dim(cfg), theta, cfg["rope_layout"], linear)
 
 
@@ -652,7 +662,10 @@ def hf_model(cfg: dict, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
     rope = {"rope_theta": cfg["rope_theta"], "rope_type": "default"}
-    if cfg["rope_type"] != "default" and cfg["rope_factor"] > 1:
+    if cfg["rope_type"] == "longrope":
+        rope = {"rope_theta": cfg["rope_theta"], "rope_type": "longrope", "short_factor": cfg["rope_short_factor"],
+                "long_factor": cfg["rope_long_factor"]}
+    elif cfg["rope_type"] != "default" and cfg["rope_factor"] > 1:
         rope = {"rope_theta": cfg["rope_theta"], "rope_type": cfg["rope_type"], "factor": cfg["rope_factor"]}
     common = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["n_embd"], intermediate_size=cfg["hidden_dim"],
                   num_hidden_layers=cfg["n_layer"], num_attention_heads=cfg["n_head"],
@@ -665,7 +678,8 @@ def hf_model(cfg: dict, dtype: torch.dtype):
                              **common)
         model = LlamaForCausalLM(config)
     else:
-        config = Phi3Config(original_max_position_embeddings=cfg["block_size"], sliding_window=None, **common)
+        config = Phi3Config(original_max_position_embeddings=cfg.get("rope_original_max_position") or cfg["block_size"],
+                            sliding_window=None, **common)
         model = Phi3ForCausalLM(config)
     config.refslm_golden_config = cfg
     return model.to(dtype).eval()
@@ -696,6 +710,12 @@ def hf_logits(cfg, params, ids, positions=None):
                      position_ids=positions).logits
 
 
+LONGROPE = dict(layout="phi3", head_dim=None, n_head=4, tie_word_embeddings=False, mask_fill="finite_min",
+                norm_eps=1e-5, rope_type="longrope", block_size=64, rope_original_max_position=16,
+                rope_short_factor=[1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+                rope_long_factor=[1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 10.0, 12.5], rope_attention_factor=None)
+
+
 def hf_model_cases() -> list[Case]:
     base = dict(qkv_embd=None, head_dim=12, n_head=4, is_interleaved=True, n_layer=2, attention_bias=False,
                 mlp_bias=False, rope_type="default", mask_fill="-inf")
@@ -713,6 +733,10 @@ def hf_model_cases() -> list[Case]:
          "n_embd / n_head, untied head, left and right padding, finite_min fill",
          do_config(**{**base, "layout": "phi3", "head_dim": None, "n_head": 4, "tie_word_embeddings": False,
                       "mask_fill": "finite_min", "norm_eps": 1e-5}), [(2, 0), (0, 2)], 9),
+        *[(f"model_phi3_hf_longrope_{side}", f"Hugging Face Phi3ForCausalLM with Phi-3.5's longrope RoPE: "
+           f"original_max_position 16, max positions 64 (cos/sin scale sqrt(1 + ln 4 / ln 16)), T = {t} so the "
+           f"{side} factors apply, right padding", do_config(**{**base, **LONGROPE}), [(0, 0), (0, 3)], t)
+          for side, t in (("short", 12), ("long", 20))],
     ]
     cases = []
     for name, description, cfg, rows, t in specs:
