@@ -39,7 +39,9 @@ class _AttentionFields:
     n_head: int = 6
     n_kv_head: int = 3
     head_dim: int | None = None  # None means qkv_width // n_head
-    is_interleaved: bool = False  # GQA order: False = query head h uses kv head h % n_kv_head
+    # GQA order: False = query head h uses kv head h % n_kv_head (public Mu text code), True = kv head
+    # h // (n_head / n_kv_head) (Llama, Phi-3, Mu v2). None: False for Mu models, True for llama/phi3.
+    is_interleaved: bool | None = None
     block_size: int = 1024
     rope_theta: float = 10000.0
     rope_factor: float = 1.0
@@ -158,6 +160,8 @@ class EncoderDecoderConfig(_AttentionFields):
     kind: str = field(default="encoder_decoder", init=False)
 
     def __post_init__(self) -> None:
+        if self.is_interleaved is None:
+            self.is_interleaved = False
         self._validate_common()
         _check_positive_int(self, "n_encoder_layer", "n_decoder_layer")
 
@@ -182,6 +186,8 @@ class DecoderOnlyConfig(_AttentionFields):
     def __post_init__(self) -> None:
         if self.layout not in DO_LAYOUTS:
             raise ConfigError(f"layout must be one of {DO_LAYOUTS}, got {self.layout!r}")
+        if self.is_interleaved is None:
+            self.is_interleaved = self.layout != "mu"
         if self.attention_bias is None:
             self.attention_bias = self.layout == "mu"
         if self.mlp_bias is None:

@@ -32,3 +32,12 @@ def test_decoder_only_layout_defaults():
     assert tiny_decoder_only(layout="llama").attention_bias is False
     with pytest.raises(ConfigError, match="layout"):
         tiny_decoder_only(layout="gpt2")
+
+
+def test_gqa_order_defaults_follow_the_layout():
+    """Mu's text code repeats KV heads as a block; Llama and Phi-3 repeat each head consecutively."""
+    assert tiny_encoder_decoder().is_interleaved is False
+    assert tiny_decoder_only().is_interleaved is False
+    assert tiny_decoder_only(layout="llama").is_interleaved is True
+    assert tiny_decoder_only(layout="phi3").is_interleaved is True
+    assert tiny_decoder_only(layout="llama", is_interleaved=False).is_interleaved is False
