@@ -60,6 +60,19 @@ def selected_backends(args) -> list[str]:
     return list(dict.fromkeys(args.backend)) if args.backend else available_backends()
 
 
+def usable_backends(names: list[str]) -> list:
+    """Backend instances for names, in order; one that cannot run here is reported and skipped."""
+    from ..backends import BackendUnavailable, get_backend
+
+    usable = []
+    for name in names:
+        try:
+            usable.append(get_backend(name))
+        except BackendUnavailable as exc:
+            print(f"{name}: skipped ({exc})")
+    return usable
+
+
 def bench_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="suite", metavar="SUITE", required=True)
     for name, help_text in SUITES.items():

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
+from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call, usable_backends
 
 
 def arguments(parser) -> None:
@@ -34,24 +34,18 @@ def _numba_scratch_bytes(args, threads: int) -> int:
 
 
 def run(args) -> int:
-    from ..backends import BackendUnavailable, get_backend
-
     rng = np.random.default_rng(0)
     shape = (1, args.heads, args.tokens, args.head_dim)
     q, k, v = (rng.standard_normal(shape).astype(args.dtype) for _ in range(3))
-    names = ["numpy"] + [n for n in selected_backends(args) if n != "numpy"]
+    backends = usable_backends(["numpy"] + [n for n in selected_backends(args) if n != "numpy"])
     print(f"attention {shape} {args.dtype}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"[T, T] scores = {args.heads * args.tokens ** 2 * np.dtype(args.dtype).itemsize / 2**20:.0f} MiB")
     print(f"{'case':<15}{'backend':<9}{'median s':>10}{'peak extra MiB':>16}{'vs numpy':>10}")
     for causal in (True, False):
         case = "causal" if causal else "bidirectional"
         baseline = None
-        for name in names:
-            try:
-                backend = get_backend(name)
-            except BackendUnavailable as exc:
-                print(f"{case:<15}{name:<9}  skipped: {exc}")
-                continue
+        for backend in backends:
+            name = backend.name
             qb, kb, vb = (backend.asarray(x) for x in (q, k, v))
 
             def call(backend=backend, qb=qb, kb=kb, vb=vb, causal=causal):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import add_backend_argument, selected_backends, time_call
+from . import add_backend_argument, selected_backends, time_call, usable_backends
 
 
 def arguments(parser) -> None:
@@ -25,17 +25,10 @@ def arguments(parser) -> None:
 
 def _runners(names: list[str], tiles: list[str]):
     """-> [(label, backend, finish)]; finish() waits for the backend's queued work."""
-    from ..backends import BackendUnavailable, get_backend
-
     runners = []
-    for name in names:
-        try:
-            backend = get_backend(name)
-        except BackendUnavailable as exc:
-            print(f"{name}: skipped ({exc})")
-            continue
-        if name != "opencl":
-            runners.append((name, backend, lambda: None))
+    for backend in usable_backends(names):
+        if backend.name != "opencl":
+            runners.append((backend.name, backend, lambda: None))
             continue
         print(f"opencl device: {backend.device_name}, default tile {backend.gemm_tile}")
         runners.append((f"opencl {_tile_label(backend.gemm_tile)}", backend, backend.queue.finish))
