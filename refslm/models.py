@@ -288,14 +288,9 @@ def _is_norm(name: str) -> bool:
 def check_ids(name: str, ids: Any, vocab_size: int) -> np.ndarray:
     """Token ids -> [B, T] int64; raises naming the argument unless ids is a non-empty 2-D int array in range."""
     ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
-    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+    if ids.dtype.kind in "iu" and (ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1):
         raise ValueError(f"{name} must have shape [batch >= 1, time >= 1], got {ids.shape}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
-        raise ValueError(f"{name} holds token id {int(bad)} outside the vocabulary [0, {vocab_size})")
-    return ids.astype(np.int64, copy=False)
+    return ops.check_token_ids(ids, vocab_size, name)
 
 
 def leading_pads(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:

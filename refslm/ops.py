@@ -120,15 +120,20 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
-def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """[B, T] int, [V, C] -> [B, T, C]: rows of the table. Ids outside [0, V) raise ValueError."""
+def check_token_ids(ids, vocab_size: int, name: str = "token ids") -> np.ndarray:
+    """ids (any shape) -> int64 array; TypeError unless integer, ValueError naming the first id outside [0, V)."""
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        bad = ids[(ids < 0) | (ids >= table.shape[0])][0]
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {table.shape[0]})")
-    return table[ids]
+        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+        raise ValueError(f"{name} holds token id {int(bad)} outside the vocabulary [0, {vocab_size})")
+    return ids.astype(np.int64, copy=False)
+
+
+def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """[B, T] int, [V, C] -> [B, T, C]: rows of the table. Ids outside [0, V) raise ValueError."""
+    return table[check_token_ids(ids, table.shape[0])]
 
 
 # ---------------------------------------------------------------- rotary position embedding

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import losses
+from .. import losses, ops
 from ..resources import kernels_dir
 from . import BackendUnavailable
 from .base import Backend
@@ -409,17 +409,12 @@ class OpenCLBackend(Backend):
     # ---------------------------------------------------------------- dense ops
 
     def embedding(self, ids, table):
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
         vocab, width = table.shape
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = ids[(ids < 0) | (ids >= vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        ids = ops.check_token_ids(ids, vocab)
         dtype = self._check_dtype(table)
         out = self._new((*ids.shape, width), dtype)
         if out.size:
-            device_ids = self.upload(ids.astype(np.int64))
+            device_ids = self.upload(ids)
             self._launch(self.kernel("elementwise.cl", "embedding", dtype), *self._elementwise_size(out.size),
                          np.int64(out.size), np.int32(width), device_ids.data, table.data, out.data)
         return out
