@@ -336,7 +336,7 @@ class Model:
         self.dtype = dtype
         self.backend = backend
         self.is_encoder_decoder = isinstance(config, EncoderDecoderConfig)
-        self.weights: Weights = _map_arrays(_layout(config)(lambda name, shape: params[name], config), backend.asarray)
+        self.weights: Weights = _map_arrays(_layout(config)(lambda name, shape: params[name], config), backend.weight)
 
     def __repr__(self) -> str:
         return f"Model({type(self.config).__name__}, dtype={self.dtype}, backend={self.backend.name})"

@@ -280,6 +280,12 @@ def test_device_choice_errors(monkeypatch):
         OpenCLBackend()
     with pytest.raises(ValueError, match="GEMM tile must be 'TM,TN,TK,RM,RN'"):
         OpenCLBackend(device="0:0", gemm_tile="64,64")
+    monkeypatch.delenv("REFSLM_OPENCL_DEVICE")
+    monkeypatch.setenv("REFSLM_OPENCL_WEIGHT_STORAGE", "bfloat16")
+    with pytest.raises(ValueError, match="weight_storage \\(REFSLM_OPENCL_WEIGHT_STORAGE or argument\\) must be"):
+        OpenCLBackend()
+    monkeypatch.setenv("REFSLM_OPENCL_WEIGHT_STORAGE", "float16")
+    assert OpenCLBackend().weight_storage == "float16"
 
 
 def test_devices_command_lists_the_backend_device(capsys):
@@ -287,3 +293,52 @@ def test_devices_command_lists_the_backend_device(capsys):
 
     assert main(["devices"]) == 0
     assert OCL.device.name.strip() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", [config.tiny_encoder_decoder, config.tiny_decoder_only])
+def test_float16_weight_storage_matches_reference_on_rounded_weights(make):
+    """weight_storage='float16' keeps matrices as half and computes in float32: the logits equal the
+    reference run on float16-rounded weights (to float32 tolerance), not merely 'close to float32'."""
+    from refslm.backends.opencl_backend import OpenCLBackend
+
+    half_backend = OpenCLBackend(weight_storage="float16")
+    cfg = make()
+    host = models.init(cfg, seed=0, dtype="float32", backend="numpy")
+    device = models.from_params(cfg, host.params, dtype="float32", backend=half_backend)
+    assert device.weights.embed.dtype == np.float16 and device.weights.final_norm.dtype == np.float32
+    rounded = {name: (value.astype(np.float16).astype(np.float64) if value.ndim == 2 else value.astype(np.float64))
+               for name, value in host.params.items()}
+    ids = np.random.default_rng(4).integers(3, cfg.vocab_size, (2, 7))
+    args = (ids, ids[:, :5]) if host.is_encoder_decoder else (ids,)
+    ref = models.from_params(cfg, rounded, dtype="float64").logits(*args)
+    close(device.logits(*args), ref, np.float32)
+    assert np.abs(host.logits(*args) - ref).max() > 1e-5  # the rounding is visible: the test can fail
+    assert half_backend.asarray(np.ones((3, 4), np.float32)).dtype == np.float32  # only weights are narrowed
+    with pytest.raises(TypeError, match="supports dtypes \\('float32',\\)"):
+        models.from_params(cfg, host.params, dtype="float64", backend=half_backend)
+
+
+def test_launch_rejects_python_scalars():
+    kernel = OCL.kernel("elementwise.cl", "add", np.float32, UNUSED_TEST_DEFINE=1)  # a fresh, undeclared kernel
+    a = OCL.asarray(np.ones(4, np.float32))
+    with pytest.raises(TypeError, match="kernel add argument 0: expected a numpy scalar"):
+        OCL._launch(kernel, (4,), None, 4, a.data, a.data, a.data)
+
+
+@pytest.mark.parametrize("make", [config.tiny_encoder_decoder, config.tiny_decoder_only])
+def test_decode_step_launch_count(make):
+    """One cached decode step enqueues exactly the kernels of the forward pass, no hidden copies:
+    embedding + final rmsnorm + lm_head, and per block the kernels counted below (a view such as
+    split_heads, merge_heads or time_slice must not cost a copy)."""
+    from refslm.generate import CachedDecoder
+
+    cfg = make()
+    model = models.from_params(cfg, models.init(cfg, seed=0).params, dtype="float32", backend="opencl")
+    decoder = CachedDecoder(model, np.arange(3, 9)[None], 4)
+    self_attention = 1 + 3 + 2 + 2 + 1 + 1 + 1  # norm, q/k/v, rope q/k, cache writes k/v, attention, o, add
+    cross_attention = 1 + 1 + 1 + 1 + 1  # norm, q, attention, o, add
+    mlp = 1 + 2 + 1 + 1  # norm, up + activation (Mu's GELU MLP), down, add
+    per_block = self_attention + mlp + (cross_attention if model.is_encoder_decoder else 0)
+    before = OCL.launches
+    decoder.step(np.array([5]))
+    assert OCL.launches - before == 3 + per_block * len(model.weights.blocks)

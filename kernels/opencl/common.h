@@ -16,6 +16,16 @@
 #define REAL_MAX FLT_MAX
 #endif
 
+/* Weights stored as half (OpenCLBackend weight_storage="float16", build define W_HALF) are read with
+ * vload_half, which is core OpenCL C (no cl_khr_fp16 needed), and computed in REAL. */
+#ifdef W_HALF
+#define WTYPE half
+#define WLOAD(p, i) ((REAL)vload_half((i), (p)))
+#else
+#define WTYPE REAL
+#define WLOAD(p, i) ((p)[i])
+#endif
+
 /* Activation kinds (host: OpenCLBackend.ACTIVATION_CODES). */
 #define ACT_GELU_TANH 0
 #define ACT_GELU_ERF 1

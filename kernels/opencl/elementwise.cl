@@ -15,12 +15,12 @@ __kernel void copy4d(const int n1, const int n2, const int n3, const long total,
     dst[d_off + i0 * d0 + i1 * d1 + i2 * d2 + i3 * d3] = src[s_off + i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3];
 }
 
-/* out [N, C] = table[ids[n], :] */
-__kernel void embedding(const long total, const int C, __global const long *ids, __global const REAL *table,
+/* out [N, C] = table[ids[n], :] (table half under W_HALF) */
+__kernel void embedding(const long total, const int C, __global const long *ids, __global const WTYPE *table,
                         __global REAL *out) {
     const long i = get_global_id(0);
     if (i >= total) return;
-    out[i] = table[ids[i / C] * C + i % C];
+    out[i] = WLOAD(table, ids[i / C] * C + i % C);
 }
 
 __kernel void add(const long total, __global const REAL *a, __global const REAL *b, __global REAL *out) {

@@ -4,20 +4,12 @@
  * work-group (TN / RN, TM / RM); each work-item accumulates an RM x RN register block whose rows and
  * columns are strided by the work-group shape (conflict-free local reads, coalesced stores).
  * Sizes need not be multiples of the tiles: out-of-range loads read 0 and stores are skipped.
- * Build defines: TM TN TK RM RN (and REAL). W_HALF: W is stored as half (read with vload_half).
+ * Build defines: TM TN TK RM RN (and REAL). W_HALF: W is stored as half (common.h WLOAD).
  *
  * gemv_nt: for few rows of A (decode steps). One work-group of GV work-items per output column n,
  * reducing over K; up to GEMV_MAX_M rows of A per launch.
  */
 #include "common.h"
-
-#ifdef W_HALF
-#define WTYPE half
-#define WLOAD(p, i) ((REAL)vload_half((i), (p)))
-#else
-#define WTYPE REAL
-#define WLOAD(p, i) ((p)[i])
-#endif
 
 #ifdef TM
 #define LX (TN / RN)

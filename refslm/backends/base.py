@@ -16,15 +16,20 @@ Array = Any  # the backend's array type
 
 
 class Backend:
-    """Interface. Subclasses implement every method; `NumpyBackend` is the definition."""
+    """Interface. Subclasses implement every method but `weight`; `NumpyBackend` is the definition."""
 
     name: str = "abstract"
     dtypes: tuple[str, ...] = ("float32", "float64")
 
     # ---- data movement
     def asarray(self, x: np.ndarray) -> Array:
-        """Host array -> backend array (weights are converted once, at model build)."""
+        """Host array -> backend array of the same dtype."""
         raise NotImplementedError
+
+    def weight(self, x: np.ndarray) -> Array:
+        """A model weight -> backend array, once at model build. The default is asarray; a backend may
+        store weights in a narrower type (the opencl backend's weight_storage='float16')."""
+        return self.asarray(x)
 
     def to_numpy(self, x: Array) -> np.ndarray:
         """Backend array -> host NumPy array."""

@@ -13,8 +13,9 @@ Everything that keeps the backend from running (pyopencl missing, no platform, n
 a kernel that fails to build) raises BackendUnavailable naming the device, with the build log.
 
 float32 everywhere; float64 too where the device has cl_khr_fp64. `weight_storage="float16"` keeps
-the matrices given to `asarray` as half (read with vload_half, computed in the compute dtype),
-halving the bytes a decode step reads; it is offered where the device reports cl_khr_fp16.
+the weight matrices (2-D arrays given to `weight`: projections, embedding, lm_head) as half, read
+with vload_half and computed in float32, halving the bytes a decode step reads. vload_half is core
+OpenCL C, so this works on every device (cl_khr_fp16, half arithmetic, is not needed).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ except ImportError as exc:  # the registry turns this into BackendUnavailable
 
 DEVICE_ENV = "REFSLM_OPENCL_DEVICE"
 GEMM_TILE_ENV = "REFSLM_OPENCL_GEMM_TILE"
+WEIGHT_STORAGE_ENV = "REFSLM_OPENCL_WEIGHT_STORAGE"
 ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # kernels/opencl/common.h ACT_*
 LOSS_KIND_CODES = {"cross_entropy": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "skew_kl": 4,
                    "skew_reverse_kl": 5}  # kernels/opencl/loss.cl KIND_*
@@ -225,14 +227,15 @@ class OpenCLBackend(Backend):
 
     device: 'P:D' or a name substring (default: REFSLM_OPENCL_DEVICE, else first GPU, else first
     device). gemm_tile: GemmTile or 'TM,TN,TK,RM,RN' (default: REFSLM_OPENCL_GEMM_TILE, else chosen
-    by device type). weight_storage: 'compute' (weights in the compute dtype) or 'float16'.
+    by device type). weight_storage: 'compute' (weights in the compute dtype) or 'float16' (default:
+    REFSLM_OPENCL_WEIGHT_STORAGE, else 'compute').
     row_attention_max_tq: query rows up to which attention uses the decode (row) kernel.
     """
 
     name = "opencl"
 
     def __init__(self, device: str | None = None, gemm_tile: GemmTile | str | None = None,
-                 weight_storage: str = "compute", row_attention_max_tq: int = 4):
+                 weight_storage: str | None = None, row_attention_max_tq: int = 4):
         self.platform, self.device, self.context = select_device(device)
         self.device_name = describe(self.platform, self.device)
         try:
@@ -242,14 +245,15 @@ class OpenCLBackend(Backend):
         self.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
         extensions = self.device.extensions.split()
         self.has_fp64 = "cl_khr_fp64" in extensions
-        self.has_fp16 = "cl_khr_fp16" in extensions
         self.dtypes = ("float32", "float64") if self.has_fp64 else ("float32",)
         self._compute_dtypes = {np.dtype(name) for name in self.dtypes}
         self.is_gpu = bool(self.device.type & (cl.device_type.GPU | cl.device_type.ACCELERATOR))
+        weight_storage = weight_storage or os.environ.get(WEIGHT_STORAGE_ENV) or "compute"
         if weight_storage not in ("compute", "float16"):
-            raise ValueError(f"weight_storage must be 'compute' or 'float16', got {weight_storage!r}")
-        if weight_storage == "float16" and not self.has_fp16:
-            raise BackendUnavailable(f"weight_storage='float16' needs cl_khr_fp16, which {self.device_name} lacks")
+            raise ValueError(f"weight_storage ({WEIGHT_STORAGE_ENV} or argument) must be 'compute' or 'float16', "
+                             f"got {weight_storage!r}")
+        if weight_storage == "float16":
+            self.dtypes = ("float32",)  # half weights are computed in float32
         self.weight_storage = weight_storage
         tile = gemm_tile if gemm_tile is not None else os.environ.get(GEMM_TILE_ENV) or None
         tile = GemmTile.parse(tile) if isinstance(tile, str) else tile
@@ -257,6 +261,8 @@ class OpenCLBackend(Backend):
         self.group_size = min(256, self.device.max_work_group_size)  # row and elementwise kernels
         self.row_attention_max_tq = row_attention_max_tq
         self._kernels: dict[tuple, cl.Kernel] = {}
+        self._typed_kernels: set[int] = set()  # ids of the kernels whose scalar types pyopencl knows
+        self.launches = 0  # kernels enqueued so far (bench model reports launches per decode step)
         self._uploads: OrderedDict[tuple, DeviceArray] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -303,6 +309,23 @@ class OpenCLBackend(Backend):
 
     def _launch(self, kernel: cl.Kernel, global_size: tuple[int, ...], local_size: tuple[int, ...] | None,
                 *args) -> None:
+        """Enqueue kernel with args: device buffers, cl.LocalMemory, and numpy scalars whose types are
+        the kernel's C argument types (np.int32 for int, np.int64 for long, the compute dtype for REAL).
+
+        The first launch of a kernel declares its scalar types to pyopencl (set_scalar_arg_dtypes), so
+        later launches pack all scalars in one step; undeclared, pyopencl converts each numpy scalar on
+        its own, about 6 us per argument on PoCL here: most of a decode step's host time.
+        """
+        if id(kernel) not in self._typed_kernels:
+            kinds = []
+            for i, a in enumerate(args):
+                if not isinstance(a, (np.generic, cl.MemoryObjectHolder, cl.LocalMemory)):
+                    raise TypeError(f"kernel {kernel.function_name} argument {i}: expected a numpy scalar, a "
+                                    f"device buffer or cl.LocalMemory, got {type(a).__name__}")
+                kinds.append(a.dtype if isinstance(a, np.generic) else None)
+            kernel.set_scalar_arg_dtypes(kinds)
+            self._typed_kernels.add(id(kernel))
+        self.launches += 1
         kernel(self.queue, global_size, local_size, *args)
 
     def _elementwise_size(self, total: int) -> tuple[tuple[int], tuple[int]]:
@@ -328,14 +351,19 @@ class OpenCLBackend(Backend):
         return dtype
 
     def asarray(self, x: np.ndarray) -> DeviceArray:
-        """Host array -> device array (once per weight); float16 weight storage halves 2-D float matrices."""
+        """Host array -> device array of the same dtype (a blocking upload)."""
         x = np.ascontiguousarray(x)
-        if self.weight_storage == "float16" and x.ndim == 2 and x.dtype.kind == "f":
-            x = x.astype(np.float16)
         out = self._new(x.shape, x.dtype)
         if x.size:
             cl.enqueue_copy(self.queue, out.data, x, is_blocking=True)
         return out
+
+    def weight(self, x: np.ndarray) -> DeviceArray:
+        """A model weight on the device; 2-D float matrices become half under weight_storage='float16'."""
+        x = np.asarray(x)
+        if self.weight_storage == "float16" and x.ndim == 2 and x.dtype.kind == "f":
+            x = x.astype(np.float16)
+        return self.asarray(x)
 
     def upload(self, host: np.ndarray) -> DeviceArray:
         """A small per-call host input (ids, masks, cos/sin) on the device, without waiting for the queue.
@@ -411,12 +439,14 @@ class OpenCLBackend(Backend):
     def embedding(self, ids, table):
         vocab, width = table.shape
         ids = ops.check_token_ids(ids, vocab)
-        dtype = self._check_dtype(table)
+        half = table.dtype == np.float16  # weight_storage='float16': read as half, computed in float32
+        dtype = np.dtype(np.float32) if half else self._check_dtype(table)
         out = self._new((*ids.shape, width), dtype)
         if out.size:
             device_ids = self.upload(ids)
-            self._launch(self.kernel("elementwise.cl", "embedding", dtype), *self._elementwise_size(out.size),
-                         np.int64(out.size), np.int32(width), device_ids.data, table.data, out.data)
+            kernel = self.kernel("elementwise.cl", "embedding", dtype, **({"W_HALF": 1} if half else {}))
+            self._launch(kernel, *self._elementwise_size(out.size), np.int64(out.size), np.int32(width),
+                         device_ids.data, table.data, out.data)
         return out
 
     def linear(self, x, weight, bias=None):

@@ -8,7 +8,9 @@ construction: encoder + cross-attention K/V + decoder on BOS, or the decoder-onl
 Each backend is reported against the machine ceilings of ../shared/reference/anchors.md (compute:
 `--gflops` GFLOP/s of float32 GEMM on this machine class for the prefill FLOPs of refslm.flops;
 bandwidth: `--bandwidth` GB/s for the weights and caches one decode step reads) and against the first
-backend of the run. The load average is printed, since other work on the machine slows every figure.
+backend of the run. Backends that count their kernel launches (opencl) also report launches per
+decode step and the decode time per launch, which shows when decoding is bound by launch cost.
+The load average is printed, since other work on the machine slows every figure.
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, f
         for _ in range(new_tokens):
             decoder.step(token)
 
+    launches = getattr(model.backend, "launches", None)  # kernels enqueued (opencl)
     decode_s = time_call(decode, repeat=repeat, warmup=1)["median_s"]
-    return {"first_token_s": first, "decode_s": decode_s, "decode_tok_s": ids.shape[0] * new_tokens / decode_s}
+    result = {"first_token_s": first, "decode_s": decode_s, "decode_tok_s": ids.shape[0] * new_tokens / decode_s}
+    if launches is not None:
+        result["launches_per_step"] = (model.backend.launches - launches) / ((repeat + 1) * new_tokens)
+    return result
 
 
 def format_table(rows: list[dict], ceilings: dict) -> str:
@@ -139,5 +145,9 @@ def run(args) -> int:
     ceilings.update(machine_baselines(args.dtype, args.repeat))
     ceilings["decode_now"] = args.batch * ceilings["gemv_gbs"] * 1e9 / step_bytes
     print(format_table(rows, ceilings))
+    for r in rows:
+        if "launches_per_step" in r:
+            print(f"{r['backend']}: {r['launches_per_step']:.0f} kernel launches per decode step, "
+                  f"{r['decode_s'] / args.new_tokens / r['launches_per_step'] * 1e6:.1f} us of decode time per launch")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
