@@ -47,3 +47,19 @@ def test_bench_unknown_suite_is_an_argparse_error(capsys):
         main(["bench", "speed"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_attention_prints_the_flop_bound(capsys):
+    assert main(["bench", "attention", "--tokens", "24", "--heads", "2", "--head-dim", "8", "--repeat", "1",
+                 "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out
+    for case in ("causal", "bidirectional"):
+        assert any(line.startswith(case) and "no kernel beats numpy by more than" in line for line in out.splitlines())
+
+
+@pytest.mark.skipif("opencl" not in available_backends(), reason="no usable OpenCL device")
+def test_bench_model_reports_opencl_launches_per_step(capsys):
+    assert main(["bench", "model", "--preset", "tiny", "--input-len", "8", "--new-tokens", "2", "--repeat", "1",
+                 "--backend", "opencl"]) == 0
+    # tiny encoder-decoder, one decoder block: 3 + 11 self-attention + 5 cross-attention + 5 MLP kernels
+    assert "opencl: 24 kernel launches per decode step" in capsys.readouterr().out

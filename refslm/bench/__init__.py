@@ -1,8 +1,9 @@
 """`refslm bench SUITE`: benchmarks reported as ratios against baselines run in the same process.
 
 Each suite is a module refslm.bench.SUITE with `arguments(parser)` and `run(args) -> int`.
-Shared helpers: `time_call` (median wall time) and `peak_extra_bytes` (tracemalloc peak above the
-starting point; NumPy reports its buffers to tracemalloc).
+Shared helpers: `time_call` (median wall time), `gemm_gflops` (the BLAS rate now) and
+`peak_extra_bytes` (tracemalloc peak above the starting point; NumPy reports its buffers to
+tracemalloc).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def time_call(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> dic
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def gemm_gflops(dtype: str, repeat: int) -> float:
+    """This machine's float GEMM rate now, GFLOP/s: NumPy's BLAS on [1024, 1024] @ [1024, 4096] (median)."""
+    import numpy as np
+
+    a = np.full((1024, 1024), 0.5, dtype=dtype)
+    b = np.full((4096, 1024), 0.25, dtype=dtype)
+    seconds = time_call(lambda: a @ b.T, repeat=repeat + 1, warmup=1)["median_s"]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[0] / seconds / 1e9
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:

@@ -3,7 +3,9 @@
 Default: 1 batch x 6 heads x 2048 tokens x head_dim 64 (the paper's 330M attention shape), float32,
 causal and bidirectional self-attention. Reports median wall time, peak extra memory seen by
 tracemalloc (NumPy buffers; the numba kernel's per-thread scratch is allocated by numba's runtime,
-invisible to tracemalloc, and is printed as its exact size instead) and the speed-up over NumPy.
+invisible to tracemalloc, and is printed as its exact size instead), the speed-up over NumPy, the
+rate of the two products, and the bound on any speed-up: NumPy's time over the time the products
+alone take at the GEMM rate measured in the same run (a fused kernel must do the same FLOPs).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 
 import numpy as np
 
-from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call, usable_backends
+from . import add_backend_argument, gemm_gflops, peak_extra_bytes, selected_backends, time_call, usable_backends
 
 
 def arguments(parser) -> None:
@@ -40,8 +42,10 @@ def run(args) -> int:
     backends = usable_backends(["numpy"] + [n for n in selected_backends(args) if n != "numpy"])
     print(f"attention {shape} {args.dtype}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"[T, T] scores = {args.heads * args.tokens ** 2 * np.dtype(args.dtype).itemsize / 2**20:.0f} MiB")
-    print(f"{'case':<15}{'backend':<9}{'median s':>10}{'peak extra MiB':>16}{'vs numpy':>10}")
+    print(f"{'case':<15}{'backend':<9}{'median s':>10}{'peak extra MiB':>16}{'vs numpy':>10}{'GFLOP/s':>9}")
+    rate = gemm_gflops(args.dtype, args.repeat)
     for causal in (True, False):
+        products = 4 * args.heads * args.tokens ** 2 * args.head_dim / (2 if causal else 1)  # QK^T and PV, FLOP
         case = "causal" if causal else "bidirectional"
         baseline = None
         for backend in backends:
@@ -60,6 +64,10 @@ def run(args) -> int:
                 peak += _numba_scratch_bytes(args, numba.get_num_threads())
             baseline = baseline or timing["median_s"]
             print(f"{case:<15}{name:<9}{timing['median_s']:>10.4f}{peak / 2**20:>16.2f}"
-                  f"{baseline / timing['median_s']:>9.2f}x")
+                  f"{baseline / timing['median_s']:>9.2f}x{products / timing['median_s'] / 1e9:>9.1f}")
+        print(f"{case:<15}bound: the products alone at this run's GEMM rate ({rate:.0f} GFLOP/s) take "
+              f"{products / rate / 1e9:.4f} s, so no kernel beats numpy by more than "
+              f"{baseline * rate * 1e9 / products:.2f}x here")
     print("peak extra memory includes the [1, H, T, D] output; numba adds its per-thread scratch (exact size).")
+    print("GFLOP/s counts the QK^T and PV products only (causal: the visible half), as the bound does.")
     return 0

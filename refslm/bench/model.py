@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import flops
 from ..config import PRESETS
-from . import add_backend_argument, selected_backends, time_call
+from . import add_backend_argument, gemm_gflops, selected_backends, time_call
 
 GEMM_GFLOPS = 185.0  # anchors.md: float32 GEMM through OpenBLAS, 2 cores, 180-190 GFLOP/s
 BANDWIDTH_GBS = (25.0, 36.0)  # anchors.md: streaming read / large GEMV
@@ -37,14 +37,11 @@ def bytes_per_step(cfg, model_dtype: str, input_len: int, batch: int) -> int:
 
 
 def machine_baselines(dtype: str, repeat: int) -> dict[str, float]:
-    """This machine now: GEMM GFLOP/s ([1024, 1024] @ [1024, 4096]) and GEMV GB/s (a 256 MB matrix)."""
-    a = np.full((1024, 1024), 0.5, dtype=dtype)
-    b = np.full((4096, 1024), 0.25, dtype=dtype)
-    gemm_s = time_call(lambda: a @ b.T, repeat=repeat + 1, warmup=1)["median_s"]
+    """This machine now: GEMM GFLOP/s (bench.gemm_gflops) and GEMV GB/s (a 256 MB matrix)."""
     w = np.full((256 * 2**20 // (4096 * np.dtype(dtype).itemsize), 4096), 0.5, dtype=dtype)
     x = np.full(4096, 0.5, dtype=dtype)
     gemv_s = time_call(lambda: w @ x, repeat=repeat + 1, warmup=1)["median_s"]
-    return {"gemm_gflops": 2 * a.shape[0] * a.shape[1] * b.shape[0] / gemm_s / 1e9, "gemv_gbs": w.nbytes / gemv_s / 1e9}
+    return {"gemm_gflops": gemm_gflops(dtype, repeat), "gemv_gbs": w.nbytes / gemv_s / 1e9}
 
 
 def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, float]:
