@@ -65,6 +65,31 @@ def test_fexp_accuracy_and_special_values():
     assert ulps.max() <= 1
 
 
+def test_exp_f32_accuracy_and_special_values():
+    """exp_f32 (float32 arithmetic, used for attention weights) within 1.2 ulp of the exact exp."""
+    from numba import njit
+
+    from refslm.backends.numba_math import exp_f32
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_f32(x[i])
+
+    rng = _rng(1)
+    edges = [88.72, 88.5, -87.5, -90.0, -103.5]  # largest finite results, subnormal results
+    x = np.concatenate([rng.uniform(-87.3, 88.72, 200000), rng.uniform(-20, 0, 200000), edges]).astype(np.float32)
+    got = np.empty_like(x)
+    apply(x, got)
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - exact) / ulp) <= 1.2
+    special = np.array([-np.inf, np.inf, np.nan, 0.0, 88.73, -200.0], np.float32)
+    got = np.empty_like(special)
+    apply(special, got)
+    np.testing.assert_array_equal(got, [0.0, np.inf, np.nan, 1.0, np.inf, 0.0])
+
+
 # ---------------------------------------------------------------- attention
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from .numba_math import LANES, ParallelKernel, fexp, row_max, stack_tile, sum_reassoc
+from .numba_math import LANES, ParallelKernel, fexp_fast, row_max, stack_tile, sum_reassoc
 
 KEY_BLOCK = LANES  # keys per block (one micro-kernel tile wide)
 QUERY_TILE = LANES  # queries per task (the lanes of the score micro-kernel)
@@ -107,14 +107,14 @@ def _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, ca
     for i in range(LANES):
         new_max = max(row_max[i], block_max[i])
         shift = new_max if new_max > neg_inf else 0  # no key seen yet: every weight is exp(-inf) = 0
-        rescale[i] = fexp(row_max[i] - shift)
+        rescale[i] = fexp_fast(row_max[i] - shift)
         row_max[i] = new_max
         block_max[i] = shift
         row_sum[i] *= rescale[i]
     for j in range(nk):
         srow = st[j]
         for i in range(LANES):
-            srow[i] = fexp(srow[i] - block_max[i])
+            srow[i] = fexp_fast(srow[i] - block_max[i])
             row_sum[i] += srow[i]
 
 
@@ -217,7 +217,7 @@ def attention_rows_kernel(q, k, v, key_mask, causal, q_start, interleaved, unifo
                 out[b, h, i] = 0
             continue
         for j in range(visible):
-            scores[j] = fexp(scores[j] - top)
+            scores[j] = fexp_fast(scores[j] - top)
         total = sum_reassoc(scores, visible)
         for j in range(visible):
             weight = scores[j]

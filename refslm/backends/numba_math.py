@@ -4,7 +4,9 @@ Numba's LLVM vectorises loops only when they hold no library call and no floatin
 (we never ask for fast-math that changes the meaning of a number: no nnan/ninf). So:
 - `fexp` is exp as a range reduction plus polynomial (no libm call, so loops around it vectorise):
   float64 within 1 ulp (degree-13 Taylor on |r| <= ln2/2), float32 evaluated in float64 with a
-  degree-8 polynomial (error 2e-10 relative, then rounded once to float32).
+  degree-8 polynomial (error 2e-10 relative, then rounded once to float32). `fexp_fast` is the same
+  for float64 but evaluates float32 in float32 (`exp_f32`, at most 1.2 ulp, twice the vector width):
+  attention's softmax weights, where exp is a fifth of the kernel's time, use it.
 - Sums run through `sum_reassoc`, the only function compiled with the 'reassoc' flag: a sum in a
   different order, exactly what BLAS and NumPy's pairwise sum also do; no other flag.
 - `row_max` keeps 64 running maxima in a stack array (a vectorisable elementwise loop).
@@ -71,6 +73,56 @@ def fexp(x):
 def _fexp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: np.float32(exp_poly(np.float64(x), _TAYLOR_8))
+    return lambda x: exp_poly(np.float64(x), _TAYLOR_13)
+
+
+@intrinsic
+def _pow2_f32(typingctx, n):
+    """2.0 ** n as float32 for an int32 n in [-126, 127], built from the exponent bits."""
+    def codegen(context, builder, signature, args):
+        biased = builder.add(args[0], context.get_constant(types.int32, 127))
+        bits = builder.shl(biased, context.get_constant(types.int32, 23))
+        return builder.bitcast(bits, context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
+
+
+_F32_LN2_HI = 0.693145751953125  # ln 2 split for float32: n * _F32_LN2_HI is exact for |n| < 2^8
+_F32_LN2_LO = 1.428606765330187e-06
+_F32_EXP_MAX_X = 88.72283  # largest float32 x with finite exp(x)
+
+
+@njit(cache=True, error_model="numpy")
+def exp_f32(x):
+    """exp(x) for float32 x computed in float32 (twice the vector width of exp_poly): n = round(x / ln2),
+    r = x - n ln2, degree-7 Taylor in Horner form, scaled by 2^n in two exact steps. Error at most 1.19
+    ulp (measured over 6e6 points in [-87, 88]; NumPy's own float32 exp: 2.4); exp(-inf) = 0, NaN stays NaN."""
+    xc = min(max(x, np.float32(-104.0)), np.float32(_F32_EXP_MAX_X))
+    n = np.floor(xc * np.float32(_LOG2E) + np.float32(0.5))  # float32 (math.floor would promote to float64)
+    r = (xc - n * np.float32(_F32_LN2_HI)) - n * np.float32(_F32_LN2_LO)
+    p = np.float32(1 / 5040)
+    p = p * r + np.float32(1 / 720)
+    p = p * r + np.float32(1 / 120)
+    p = p * r + np.float32(1 / 24)
+    p = p * r + np.float32(1 / 6)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1)
+    p = p * r + np.float32(1)
+    ni = np.int32(n)
+    n1 = min(max(ni, np.int32(-126)), np.int32(127))
+    y = (p * _pow2_f32(n1)) * _pow2_f32(ni - n1)
+    y = np.float32(np.inf) if x > np.float32(_F32_EXP_MAX_X) else y
+    return x if x != x else y
+
+
+def fexp_fast(x):
+    """exp(x) in x's float type: exp_f32 for float32 (1.2 ulp), fexp for float64 (1 ulp)."""
+    return math.exp(x)
+
+
+@overload(fexp_fast)
+def _fexp_fast_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: exp_f32(x)
     return lambda x: exp_poly(np.float64(x), _TAYLOR_13)
 
 
