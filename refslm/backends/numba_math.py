@@ -36,14 +36,21 @@ _TAYLOR_13 = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # float6
 _TAYLOR_8 = _TAYLOR_13[5:]  # float32 results: error 2e-10 relative, far below float32's half-ulp
 
 
-@intrinsic
-def _pow2(typingctx, n):
-    """2.0 ** n for an int64 n in [-1022, 1023], built from the exponent bits (no table, no libm)."""
-    def codegen(context, builder, signature, args):
-        biased = builder.add(args[0], context.get_constant(types.int64, 1023))
-        bits = builder.shl(biased, context.get_constant(types.int64, 52))
-        return builder.bitcast(bits, context.get_value_type(types.float64))
-    return types.float64(types.int64), codegen
+def _pow2_intrinsic(int_type, float_type, bias: int, mantissa_bits: int):
+    """An intrinsic 2.0 ** n (int_type n in the normal exponent range -> float_type), built from the
+    exponent bits (no table, no libm)."""
+    @intrinsic
+    def pow2(typingctx, n):
+        def codegen(context, builder, signature, args):
+            biased = builder.add(args[0], context.get_constant(int_type, bias))
+            bits = builder.shl(biased, context.get_constant(int_type, mantissa_bits))
+            return builder.bitcast(bits, context.get_value_type(float_type))
+        return float_type(int_type), codegen
+    return pow2
+
+
+_pow2 = _pow2_intrinsic(types.int64, types.float64, 1023, 52)  # n in [-1022, 1023]
+_pow2_f32 = _pow2_intrinsic(types.int32, types.float32, 127, 23)  # n in [-126, 127]
 
 
 @njit(cache=True, error_model="numpy")
@@ -74,16 +81,6 @@ def _fexp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: np.float32(exp_poly(np.float64(x), _TAYLOR_8))
     return lambda x: exp_poly(np.float64(x), _TAYLOR_13)
-
-
-@intrinsic
-def _pow2_f32(typingctx, n):
-    """2.0 ** n as float32 for an int32 n in [-126, 127], built from the exponent bits."""
-    def codegen(context, builder, signature, args):
-        biased = builder.add(args[0], context.get_constant(types.int32, 127))
-        bits = builder.shl(biased, context.get_constant(types.int32, 23))
-        return builder.bitcast(bits, context.get_value_type(types.float32))
-    return types.float32(types.int32), codegen
 
 
 _F32_LN2_HI = 0.693145751953125  # ln 2 split for float32: n * _F32_LN2_HI is exact for |n| < 2^8
