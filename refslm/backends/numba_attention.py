@@ -38,13 +38,15 @@ def _tile_rows_overload(x):
 
 
 @njit(cache=True, error_model="numpy")
-def _scores_block(kb, qt, st, nk, dp):
-    """st[:nk, :] = kb[:nk, :dp] @ qt[:dp, :]: kb [KEY_BLOCK, Dp], qt [Dp, QUERY_TILE], st [KEY_BLOCK, QUERY_TILE].
+def _scores_block(kb, qt, st, block_max, nk, dp, sqrt_d):
+    """st[:nk, :] = kb[:nk, :dp] @ qt[:dp, :] / sqrt_d and block_max[i] = max(st[:nk, i]).
 
+    kb [KEY_BLOCK, Dp], qt [Dp, QUERY_TILE], st [KEY_BLOCK, QUERY_TILE], block_max [QUERY_TILE].
     Scores are stored key-major (transposed), so the softmax over keys is elementwise over queries.
     """
     rows = _tile_rows(st)
     acc = stack_tile(rows, st.dtype)
+    block_max[:] = -np.inf
     for j0 in range(0, nk, rows):
         for a in range(rows):
             for u in range(LANES):
@@ -55,9 +57,11 @@ def _scores_block(kb, qt, st, nk, dp):
                 ka = kb[j0 + a, d]
                 for u in range(LANES):
                     acc[a, u] += ka * qrow[u]
-        for a in range(rows):
+        for a in range(min(rows, nk - j0)):
             for u in range(LANES):
-                st[j0 + a, u] = acc[a, u]
+                score = acc[a, u] / sqrt_d
+                st[j0 + a, u] = score
+                block_max[u] = max(block_max[u], score)
 
 
 @njit(cache=True, error_model="numpy")
@@ -87,24 +91,34 @@ def _accumulate_values(pt, vb, o, rescale, nq, nk):
 
 
 @njit(cache=True, error_model="numpy")
-def _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, causal, last_key, sqrt_d):
-    """Mask, scale and exponentiate one block of key-major scores in place; update the running state.
+def _mask_block(st, block_max, nk, j0, key_mask, b, causal, last_key):
+    """Set the scores of keys a query may not see to -inf and recompute block_max over what is left.
 
-    st [KEY_BLOCK, QUERY_TILE] scores -> weights exp(score - running max), exactly 0 for masked keys;
-    row_max, row_sum [QUERY_TILE] move to the new running max and rescale[i] = exp(old - new max)
-    is what the accumulated values must be multiplied by. last_key[i] is the last key query i may
-    see (causal); key_mask [B, Tk] uint8 marks real keys (shape [0, 0] when absent).
+    st [KEY_BLOCK, QUERY_TILE] scaled scores of keys j0..j0+nk-1; last_key[i] is the last key query
+    i may see (causal); key_mask [B, Tk] uint8 marks real keys (shape [0, 0] when absent).
     """
     neg_inf = st.dtype.type(-np.inf)
-    block_max = np.full(LANES, neg_inf, st.dtype)
+    block_max[:] = neg_inf
     for j in range(nk):
         key = j0 + j
         real = key_mask.shape[1] == 0 or key_mask[b, key] != 0
         srow = st[j]
         for i in range(LANES):
             visible = real and (not causal or key <= last_key[i])
-            srow[i] = srow[i] / sqrt_d if visible else neg_inf
+            srow[i] = srow[i] if visible else neg_inf
             block_max[i] = max(block_max[i], srow[i])
+
+
+@njit(cache=True, error_model="numpy")
+def _online_softmax_block(st, block_max, row_max, row_sum, rescale, nk):
+    """Exponentiate one block of key-major scores in place and update the running softmax state.
+
+    st [KEY_BLOCK, QUERY_TILE] scores (-inf for hidden keys) -> weights exp(score - running max),
+    exactly 0 for hidden keys; block_max [QUERY_TILE] their maxima. row_max, row_sum move to the new
+    running max and rescale[i] = exp(old - new max) is what the accumulated values must be
+    multiplied by.
+    """
+    neg_inf = st.dtype.type(-np.inf)
     for i in range(LANES):
         new_max = max(row_max[i], block_max[i])
         shift = new_max if new_max > neg_inf else 0  # no key seen yet: every weight is exp(-inf) = 0
@@ -159,6 +173,7 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
         row_max = np.full(QUERY_TILE, -np.inf, q.dtype)
         row_sum = np.zeros(QUERY_TILE, q.dtype)
         rescale = np.empty(QUERY_TILE, q.dtype)
+        block_max = np.empty(QUERY_TILE, q.dtype)
         last_key = np.arange(QUERY_TILE) + (q_start + i0)
         for i in range(nq):
             for c in range(d):
@@ -170,8 +185,10 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
                 for c in range(d):
                     kb[j, c] = k[b, kvh, j0 + j, c]
                     vb[c // LANES, j, c % LANES] = v[b, kvh, j0 + j, c]
-            _scores_block(kb, qt, st, nk, dp)
-            _online_softmax_block(st, row_max, row_sum, rescale, nk, j0, key_mask, b, causal, last_key, sqrt_d)
+            _scores_block(kb, qt, st, block_max, nk, dp, sqrt_d)
+            if key_mask.shape[1] != 0 or (causal and j0 + nk - 1 > last_key[0]):  # some key hidden from some query
+                _mask_block(st, block_max, nk, j0, key_mask, b, causal, last_key)
+            _online_softmax_block(st, block_max, row_max, row_sum, rescale, nk)
             for chunk in range(n_chunks):
                 _accumulate_values(st, vb[chunk], o[chunk], rescale, nq, nk)
         for i in range(nq):
