@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .models import Model, check_ids, leading_pads
+from .models import Model, check_attention_mask, check_ids, leading_pads
 
 
 class KVCache:
@@ -52,29 +52,40 @@ class CachedDecoder:
 
     input_ids: encoder input [B, Te] (encoder-decoder) or LEFT-padded prompt [B, T] (decoder-only).
     max_new_tokens: how many `step` calls the caches must hold. decoder_input_ids: encoder-decoder
-    decoder prefix [B, Td] (default one BOS column). After construction `logits` [B, V] holds the
-    logits of the last prefix position; `step` appends one token per row and returns the next ones.
+    decoder prefix [B, Td] (default one BOS column). attention_mask: [B, Te] or [B, T] of 0/1 for
+    input_ids (Hugging Face's): it replaces the pad-id rule; decoder-only prompts must then be left
+    padded (0s, then 1s) and every generated token is attended, whatever its id. After construction
+    `logits` [B, V] holds the logits of the last position; `step` appends one token per row and
+    returns the next ones.
     """
 
-    def __init__(self, model: Model, input_ids: Any, max_new_tokens: int, decoder_input_ids: Any = None):
+    def __init__(self, model: Model, input_ids: Any, max_new_tokens: int, decoder_input_ids: Any = None,
+                 attention_mask: Any = None):
         cfg = model.config
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         batch = ids.shape[0]
         self.model = model
         self.cross = None
+        self.real = None  # [B, capacity] bool: the tokens attended as keys, when an attention_mask is given
         if model.is_encoder_decoder:
             if decoder_input_ids is None:
                 decoder_input_ids = np.full((batch, 1), cfg.bos_token_id, dtype=np.int64)
             prefix = check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
             if prefix.shape[0] != batch:
                 raise ValueError(f"decoder_input_ids batch {prefix.shape[0]} != input_ids batch {batch}")
-            self.cross = model.cross_kv(model.encode(ids), ids)
+            self.cross = model.cross_kv(model.encode(ids, attention_mask=attention_mask), ids, attention_mask)
             self.offset = np.zeros((1, 1), dtype=np.int64)
         else:
             if decoder_input_ids is not None:
                 raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
             prefix = ids
-            self.offset = leading_pads(ids, cfg.pad_token_id)[:, None]
+            mask = check_attention_mask(attention_mask, ids.shape, left_padded=True)
+            if mask is None:
+                self.offset = leading_pads(ids, cfg.pad_token_id)[:, None]
+            else:
+                self.offset = leading_pads(mask, False)[:, None]  # the leading 0s (False) of each row
+                self.real = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=bool)
+                self.real[:, :ids.shape[1]] = mask
         capacity = prefix.shape[1] + max_new_tokens
         self.ids = np.zeros((batch, capacity), dtype=np.int64)  # every token so far (unwritten tail unused)
         self.ids[:, :prefix.shape[1]] = prefix
@@ -90,8 +101,9 @@ class CachedDecoder:
         """Run the decoder over times start..length-1 (caches hold 0..start-1) -> [B, V] last logits."""
         self.rope_key = self.model.rope_key(self.length)
         logits = self.model.decode(self.ids[:, start:self.length], positions=self._positions(start, self.length),
-                                   mask_ids=self.ids[:, :self.length], start=start, caches=self.caches,
-                                   cross=self.cross, last_only=True)
+                                   mask_ids=self.ids[:, :self.length],
+                                   attention_mask=None if self.real is None else self.real[:, :self.length],
+                                   start=start, caches=self.caches, cross=self.cross, last_only=True)
         return logits[:, -1]
 
     def step(self, token_ids: Any) -> np.ndarray:
@@ -153,13 +165,14 @@ def sample_tokens(logits: np.ndarray, rng: np.random.Generator | None, *, greedy
 
 def generate(model: Model, input_ids: Any, max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_token_id: int | None = None) -> np.ndarray:
+             eos_token_id: int | None = None, attention_mask: Any = None) -> np.ndarray:
     """New tokens [B, max_new_tokens] int64 (no BOS), KV-cached.
 
     input_ids: encoder input (encoder-decoder; the decoder starts from BOS) or LEFT-padded prompt
-    (decoder-only). Each step samples with `sample_tokens` from Generator(seed). eos_token_id: a row
-    that has emitted it keeps emitting it; generation stops early once every row has (the rest of
-    the output is EOS). None: no stopping (pass model.config.eos_token_id to stop at the model's EOS).
+    (decoder-only); attention_mask: see CachedDecoder. Each step samples with `sample_tokens` from
+    Generator(seed). eos_token_id: a row that has emitted it keeps emitting it; generation stops
+    early once every row has (the rest of the output is EOS). None: no stopping (pass
+    model.config.eos_token_id to stop at the model's EOS).
     """
     if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -168,7 +181,7 @@ def generate(model: Model, input_ids: Any, max_new_tokens: int, *, greedy: bool 
     if eos_token_id is not None and not 0 <= eos_token_id < model.config.vocab_size:
         raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {model.config.vocab_size})")
     rng = np.random.default_rng(seed)
-    decoder = CachedDecoder(model, input_ids, max_new_tokens)
+    decoder = CachedDecoder(model, input_ids, max_new_tokens, attention_mask=attention_mask)
     batch = decoder.ids.shape[0]
     out = np.empty((batch, max_new_tokens), dtype=np.int64)
     finished = np.zeros(batch, dtype=bool)

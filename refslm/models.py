@@ -313,15 +313,40 @@ def left_padding_positions(ids: np.ndarray, pad_token_id: int | None) -> np.ndar
 # ---------------------------------------------------------------- the forward pass
 
 
-def key_mask(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray | None:
-    """[B, T] ids -> [B, T] bool, True for real (non-pad) tokens; None when nothing is padded.
+def key_mask(ids: np.ndarray, pad_token_id: int | None, attention_mask: np.ndarray | None = None) -> np.ndarray | None:
+    """[B, T] ids -> [B, T] bool, True for tokens attended as keys; None when every token is.
 
-    pad_token_id None (Hugging Face configs whose pad_token_id is null) masks nothing.
+    attention_mask (checked by check_attention_mask) decides when given; otherwise the non-pad tokens
+    are attended, and pad_token_id None (Hugging Face configs whose pad_token_id is null) masks nothing.
     """
-    if pad_token_id is None:
+    if attention_mask is not None:
+        mask = attention_mask
+    elif pad_token_id is None:
         return None
-    mask = ids != pad_token_id
+    else:
+        mask = ids != pad_token_id
     return None if mask.all() else mask
+
+
+def check_attention_mask(attention_mask: Any, ids_shape: tuple[int, int], name: str = "attention_mask",
+                         left_padded: bool = False) -> np.ndarray | None:
+    """attention_mask [B, T] of 0/1 (bool or int; 1 = a real token, 0 = padding) -> bool, or None if None.
+
+    Raises ValueError naming the argument unless its shape is ids_shape and every value is 0 or 1;
+    left_padded also requires each row to be 0s then 1s (what cached generation's positions assume).
+    """
+    if attention_mask is None:
+        return None
+    mask = np.asarray(attention_mask)
+    if mask.shape != tuple(ids_shape):
+        raise ValueError(f"{name} must have the ids' shape {tuple(ids_shape)}, got {mask.shape}")
+    if mask.dtype != bool and (mask.dtype.kind not in "iu" or not np.isin(mask, (0, 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or bools), got dtype {mask.dtype}"
+                         + (f" with values {np.unique(mask)[:5]}" if mask.dtype.kind in "iuf" else ""))
+    mask = mask.astype(bool)
+    if left_padded and (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise ValueError(f"{name} must mark left padding for cached generation: in every row 0s, then 1s")
+    return mask
 
 
 class Model:
@@ -443,42 +468,50 @@ class Model:
         return be.add(x, self.mlp(block.mlp, be.rmsnorm(x, block.mlp_norm, eps)))
 
     # ---- encoder-decoder
-    def encode(self, input_ids: np.ndarray, *, centred_positions: bool = True) -> Array:
+    def encode(self, input_ids: np.ndarray, *, centred_positions: bool = True, attention_mask: Any = None) -> Array:
         """Encoder: [B, Te] ids -> [B, Te, C] = ln_e(blocks(embed(ids))), bidirectional, pad keys masked.
 
         Positions are p - (Te-1)//2 (public Mu) or, with centred_positions=False, p; the NTK base uses Te.
+        attention_mask [B, Te] 0/1, when given, says which tokens are keys instead of the pad ids.
         """
         self._require(True)
         cfg = self.config
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         te = ids.shape[1]
         positions = ops.centred_positions(te) if centred_positions else np.arange(te)
-        rope, mask = self.rope(positions, te), key_mask(ids, cfg.pad_token_id)
+        mask = key_mask(ids, cfg.pad_token_id, check_attention_mask(attention_mask, ids.shape))
+        rope = self.rope(positions, te)
         x = self.embed(ids)
         for block in self.weights.encoder_blocks:
             x = self.block(block, x, rope=rope, mask=mask, causal=False)
         return self.backend.rmsnorm(x, self.weights.encoder_norm, cfg.norm_eps)
 
-    def cross_kv(self, encoded: Array, input_ids: np.ndarray) -> list[tuple[Array, Array, np.ndarray | None]]:
-        """Per decoder block (k, v, mask) of cross-attention over the encoder output [B, Te, C]; computed once."""
-        mask = key_mask(np.asarray(input_ids), self.config.pad_token_id)
+    def cross_kv(self, encoded: Array, input_ids: np.ndarray,
+                 attention_mask: Any = None) -> list[tuple[Array, Array, np.ndarray | None]]:
+        """Per decoder block (k, v, mask) of cross-attention over the encoder output [B, Te, C]; computed once.
+
+        The mask: attention_mask [B, Te] 0/1 when given, else the non-pad tokens of input_ids."""
+        ids = np.asarray(input_ids)
+        mask = key_mask(ids, self.config.pad_token_id, check_attention_mask(attention_mask, ids.shape))
         return [(*self.project_kv(block.cross_attn, encoded), mask) for block in self.weights.blocks]
 
     # ---- decoder (both kinds)
     def decode(self, ids: np.ndarray, *, positions: np.ndarray | None = None, mask_ids: np.ndarray | None = None,
-               start: int = 0, caches: list | None = None, cross: list | None = None,
+               attention_mask: Any = None, start: int = 0, caches: list | None = None, cross: list | None = None,
                last_only: bool = False) -> np.ndarray:
         """Causal stack over new tokens ids [B, T] at times start..start+T-1 -> logits [B, T or 1, V].
 
         positions [B or 1, T] (default start..start+T-1); mask_ids [B, start+T] = every token so far
-        (default ids), whose pads are masked as keys; caches: one KVCache per block (required when
-        start > 0); cross: cross_kv(...) for the encoder-decoder. The RoPE base uses start+T tokens.
+        (default ids), whose pads are masked as keys, unless attention_mask [B, start+T] 0/1 says which
+        tokens are keys; caches: one KVCache per block (required when start > 0); cross: cross_kv(...)
+        for the encoder-decoder. The RoPE base uses start+T tokens.
         """
         cfg = self.config
         t = ids.shape[1]
         if positions is None:
             positions = np.arange(start, start + t)
-        mask = key_mask(ids if mask_ids is None else mask_ids, cfg.pad_token_id)
+        mask = key_mask(ids if mask_ids is None else mask_ids, cfg.pad_token_id,
+                        check_attention_mask(attention_mask, (ids.shape[0], start + t)))
         rope = self.rope(positions, start + t)
         x = self.embed(ids)
         for i, block in enumerate(self.weights.blocks):
@@ -490,12 +523,14 @@ class Model:
 
     # ---- public API
     def logits(self, input_ids: Any, decoder_input_ids: Any = None, *, position_ids: Any = None,
-               centred_positions: bool = True) -> np.ndarray:
+               attention_mask: Any = None, centred_positions: bool = True) -> np.ndarray:
         """Logits [B, T, V] (model dtype) without any cache.
 
         Encoder-decoder: input_ids [B, Te] go to the encoder, decoder_input_ids [B, Td] (required) to
         the decoder; T = Td. Decoder-only: input_ids [B, T] only; position_ids [B or 1, T] optional
-        (default 0..T-1; see left_padding_positions for left-padded batches).
+        (default 0..T-1; see left_padding_positions for left-padded batches). attention_mask [B, Te]
+        or [B, T] of 0/1 (Hugging Face's; 0 = padding), when given, replaces the pad-id rule for
+        input_ids: exactly its 1s are attended as keys (a pad id marked 1 is a real token).
         """
         cfg = self.config
         if self.is_encoder_decoder:
@@ -507,21 +542,22 @@ class Model:
             ids = check_ids("input_ids", input_ids, cfg.vocab_size)
             if dec.shape[0] != ids.shape[0]:
                 raise ValueError(f"decoder_input_ids batch {dec.shape[0]} != input_ids batch {ids.shape[0]}")
-            encoded = self.encode(ids, centred_positions=centred_positions)
-            return self.decode(dec, cross=self.cross_kv(encoded, ids))
+            encoded = self.encode(ids, centred_positions=centred_positions, attention_mask=attention_mask)
+            return self.decode(dec, cross=self.cross_kv(encoded, ids, attention_mask))
         if decoder_input_ids is not None:
             raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
-        return self.decode(ids, positions=None if position_ids is None else check_positions(position_ids, ids.shape))
+        return self.decode(ids, positions=None if position_ids is None else check_positions(position_ids, ids.shape),
+                           attention_mask=attention_mask)
 
     def generate(self, input_ids: Any, max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 eos_token_id: int | None = None) -> np.ndarray:
+                 eos_token_id: int | None = None, attention_mask: Any = None) -> np.ndarray:
         """New tokens [B, max_new_tokens] int64 (no BOS); see refslm.generate.generate."""
         from .generate import generate
 
         return generate(self, input_ids, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, eos_token_id=eos_token_id)
+                        top_p=top_p, seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask)
 
     def _require(self, encoder_decoder: bool) -> None:
         if self.is_encoder_decoder != encoder_decoder:

@@ -1,6 +1,8 @@
 """KV-cached generation equals recomputation; sampling is seeded, greedy is argmax, top-k / top-p restrict
 the support, EOS finishes rows."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,70 @@ def test_bad_generation_inputs():
         decoder.step(np.array([1, 512]))
     with pytest.raises(ValueError, match="decoder-only models take input_ids only"):
         generate.CachedDecoder(models.init(CONFIGS["mu"]), PROMPT, 2, decoder_input_ids=PROMPT)
+
+
+# ---------------------------------------------------------------- attention_mask (Hugging Face's 0/1 mask)
+
+
+@pytest.mark.parametrize("name", ["llama", "mu_ntk"])
+def test_attention_mask_left_padding_with_any_filler_generates_like_the_unpadded_row(name):
+    """With an attention_mask the padding is whatever the mask says: filler ids that are not the pad id
+    (and a pad_token_id of None) still drop out, and cached logits equal recomputed ones."""
+    cfg = CONFIGS[name]
+    model = models.init(dataclasses.replace(cfg, pad_token_id=None), seed=3, dtype="float64")
+    prompt = np.array([[77, 78, 1, 40, 41, 42], [1, 7, 8, 9, 10, 11]])  # row 0: two filler tokens
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    alone = model.generate(prompt[:1, 2:], 5, seed=0, greedy=True)
+    np.testing.assert_array_equal(model.generate(prompt, 5, seed=0, greedy=True, attention_mask=mask)[:1], alone)
+    unmasked = generate.CachedDecoder(model, prompt, 1).logits  # without the mask the fillers count
+    assert np.abs(unmasked[0] - generate.CachedDecoder(model, prompt, 1, attention_mask=mask).logits[0]).max() > 1e-6
+    decoder = generate.CachedDecoder(model, prompt, 3, attention_mask=mask)
+    for token in ([5, 6], [7, 8]):
+        decoder.step(np.array(token))
+        ids = decoder.ids[:, :decoder.length]
+        full_mask = np.concatenate([mask, np.ones((2, ids.shape[1] - mask.shape[1]), int)], axis=1)
+        expected = model.logits(ids, position_ids=models.left_padding_positions(full_mask, False),
+                                attention_mask=full_mask)[:, -1]
+        assert np.abs(decoder.logits - expected).max() < 1e-12 * np.abs(expected).max()
+
+
+def test_attention_mask_makes_pad_ids_real_tokens_in_prompts_and_generations():
+    """Phi-3 names pad = EOS: with an all-ones attention_mask an EOS inside the prompt is attended, and
+    so is a generated pad id; the pad-id rule (no mask given) masks both."""
+    cfg = CONFIGS["llama"]
+    pad = cfg.pad_token_id
+    model = models.init(cfg, seed=5, dtype="float64")
+    unpadded = models.init(dataclasses.replace(cfg, pad_token_id=None), seed=5, dtype="float64")
+    prompt = np.array([[1, 40, pad, 41, 42]])
+    ones = np.ones_like(prompt)
+    np.testing.assert_array_equal(model.logits(prompt, attention_mask=ones), unpadded.logits(prompt))
+    assert np.abs(model.logits(prompt) - unpadded.logits(prompt)).max() > 1e-6
+    with_mask = generate.CachedDecoder(model, prompt, 2, attention_mask=ones)
+    plain = generate.CachedDecoder(unpadded, prompt, 2)
+    np.testing.assert_allclose(with_mask.step(np.array([pad])), plain.step(np.array([pad])), rtol=1e-13, atol=0)
+
+
+def test_encoder_attention_mask_equals_the_pad_rule_and_overrides_it():
+    model = models.init(CONFIGS["encoder_decoder"], seed=6, dtype="float64")
+    pad_mask = ENC != model.config.pad_token_id
+    np.testing.assert_array_equal(model.generate(ENC, 4, greedy=True, attention_mask=pad_mask),
+                                  model.generate(ENC, 4, greedy=True))
+    dec = np.array([[1, 20, 21], [1, 30, 31]])
+    np.testing.assert_array_equal(model.logits(ENC, dec, attention_mask=pad_mask.astype(np.int64)),
+                                  model.logits(ENC, dec))
+    ones = np.ones_like(ENC)  # the trailing pad ids of row 0 become real encoder tokens
+    assert np.abs(model.logits(ENC, dec, attention_mask=ones) - model.logits(ENC, dec)).max() > 1e-6
+
+
+@pytest.mark.parametrize("mask,message", [
+    (np.ones((2, 5), int), r"attention_mask must have the ids' shape \(2, 6\), got \(2, 5\)"),
+    (np.full((2, 6), 2), "attention_mask must hold only 0 and 1"),
+    (np.full((2, 6), 0.5), "attention_mask must hold only 0 and 1"),
+    (np.array([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), "must mark left padding for cached generation"),
+])
+def test_bad_attention_mask(mask, message):
+    model = models.init(CONFIGS["llama"], seed=1, dtype="float64")
+    with pytest.raises(ValueError, match=message):
+        model.generate(PROMPT, 2, attention_mask=mask)
+    if "left padding" in message:  # a mask with holes is fine for plain logits
+        model.logits(PROMPT, attention_mask=mask)

@@ -357,6 +357,17 @@ def test_llama_and_phi3_match_hugging_face(layout):
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits.numpy()
     assert rel_err(model.logits(ids), expected) < 1e-12
+    # an attention_mask: row 0 left-padded with filler ids, and the pad id inside both rows marked real
+    pad = cfg.pad_token_id
+    ids = np.array([[9, 9, 1, 5, pad, 7], [1, 8, pad, 11, 3, 3]])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = models.left_padding_positions(mask, False)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      position_ids=torch.from_numpy(positions)).logits.numpy()
+    got = model.logits(ids, position_ids=positions, attention_mask=mask)
+    real = mask.astype(bool)  # padded query rows are undefined in HF; compare the real ones
+    assert rel_err(got[real], expected[real]) < 1e-12
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
