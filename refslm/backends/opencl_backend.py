@@ -20,6 +20,7 @@ OpenCL C, so this works on every device (cl_khr_fp16, half arithmetic, is not ne
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -157,8 +158,9 @@ def select_device(spec: str | None = None) -> tuple[cl.Platform, cl.Device, cl.C
     raise BackendUnavailable("no usable OpenCL device:\n" + "\n".join(refusals))
 
 
+@functools.lru_cache(maxsize=1024)
 def _dense_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides in elements."""
+    """C-order strides in elements (cached: a decode step asks for the same few shapes hundreds of times)."""
     strides, step = [], 1
     for n in reversed(shape):
         strides.append(step)
@@ -196,8 +198,11 @@ class DeviceArray:
     @property
     def is_dense(self) -> bool:
         """C-contiguous from the start of the buffer (what every kernel but copy4d and attention reads)."""
-        return self.offset == 0 and all(n == 1 or s == d for n, s, d in
-                                        zip(self.shape, self.strides, _dense_strides(self.shape), strict=True))
+        if self.offset != 0:
+            return False
+        dense = _dense_strides(self.shape)
+        return self.strides == dense or all(n == 1 or s == d for n, s, d in zip(self.shape, self.strides, dense,
+                                                                                strict=True))
 
     def reshape(self, *shape: int) -> DeviceArray:
         """A view with another shape (dense arrays only)."""
