@@ -80,10 +80,8 @@ class CachedDecoder:
                 raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
             prefix = ids
             mask = check_attention_mask(attention_mask, ids.shape, left_padded=True)
-            if mask is None:
-                self.offset = leading_pads(ids, cfg.pad_token_id)[:, None]
-            else:
-                self.offset = leading_pads(mask, False)[:, None]  # the leading 0s (False) of each row
+            self.offset = leading_pads(ids, cfg.pad_token_id, mask)[:, None]
+            if mask is not None:
                 self.real = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=bool)
                 self.real[:, :ids.shape[1]] = mask
         capacity = prefix.shape[1] + max_new_tokens

@@ -293,21 +293,29 @@ def check_ids(name: str, ids: Any, vocab_size: int) -> np.ndarray:
     return ops.check_token_ids(ids, vocab_size, name)
 
 
-def leading_pads(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:
-    """[B, T] ids -> [B] int64: how many pad ids open each row (T for a row of pads only; 0 if pad is None)."""
-    if pad_token_id is None:
+def leading_pads(ids: np.ndarray, pad_token_id: int | None, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """[B, T] ids -> [B] int64: how many padding tokens open each row (T for a row of padding only).
+
+    Padding is attention_mask == 0 when a mask is given, else the pad id (none when pad_token_id is None).
+    """
+    if attention_mask is not None:
+        real = np.asarray(attention_mask, dtype=bool)
+    elif pad_token_id is None:
         return np.zeros(ids.shape[0], dtype=np.int64)
-    real = ids != pad_token_id
+    else:
+        real = ids != pad_token_id
     return np.where(real.any(axis=1), np.argmax(real, axis=1), ids.shape[1]).astype(np.int64)
 
 
-def left_padding_positions(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:
+def left_padding_positions(ids: np.ndarray, pad_token_id: int | None,
+                           attention_mask: np.ndarray | None = None) -> np.ndarray:
     """[B, T] ids -> [B, T] int64 positions t - leading_pads(row), clamped at 0 (for the pads).
 
     A left-padded row then gets the positions it would have unpadded (what Hugging Face generate
     derives from the attention mask when the padding is on the left).
     """
-    return np.maximum(np.arange(ids.shape[1])[None, :] - leading_pads(ids, pad_token_id)[:, None], 0)
+    leading = leading_pads(ids, pad_token_id, attention_mask)
+    return np.maximum(np.arange(ids.shape[1])[None, :] - leading[:, None], 0)
 
 
 # ---------------------------------------------------------------- the forward pass

@@ -203,7 +203,7 @@ def test_attention_mask_left_padding_with_any_filler_generates_like_the_unpadded
         decoder.step(np.array(token))
         ids = decoder.ids[:, :decoder.length]
         full_mask = np.concatenate([mask, np.ones((2, ids.shape[1] - mask.shape[1]), int)], axis=1)
-        expected = model.logits(ids, position_ids=models.left_padding_positions(full_mask, False),
+        expected = model.logits(ids, position_ids=models.left_padding_positions(ids, None, full_mask),
                                 attention_mask=full_mask)[:, -1]
         assert np.abs(decoder.logits - expected).max() < 1e-12 * np.abs(expected).max()
 

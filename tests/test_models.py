@@ -361,7 +361,7 @@ def test_llama_and_phi3_match_hugging_face(layout):
     pad = cfg.pad_token_id
     ids = np.array([[9, 9, 1, 5, pad, 7], [1, 8, pad, 11, 3, 3]])
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    positions = models.left_padding_positions(mask, False)
+    positions = models.left_padding_positions(ids, None, mask)
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                       position_ids=torch.from_numpy(positions)).logits.numpy()
