@@ -120,7 +120,7 @@ def fexp_fast(x):
 def _fexp_fast_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: exp_f32(x)
-    return lambda x: exp_poly(np.float64(x), _TAYLOR_13)
+    return lambda x: fexp(x)  # float64: fexp itself
 
 
 def exp_coefficients(out):
