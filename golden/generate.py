@@ -487,6 +487,12 @@ def random_params(g: torch.Generator, shapes: dict[str, tuple[int, ...]], embed_
     return params
 
 
+def decoder_positions(positions: torch.Tensor | None, t: int) -> tuple[torch.Tensor, int]:
+    """Decoder positions [B or 1, T] (default 0..T-1) and the RoPE length L = max position + 1 (SPEC.md 2.3)."""
+    positions = torch.arange(t)[None] if positions is None else positions
+    return positions, int(positions.max()) + 1
+
+
 def rope_tables(cfg: dict, positions: torch.Tensor, seq_len: int):
     """cos, sin [B or 1, T, D] float64 for positions under the config's RoPE type (SPEC.md RoPE)."""
     theta, linear = cfg["rope_theta"], 1.0
@@ -524,7 +530,7 @@ def mu_mlp(p, prefix, x):
 def mu_decoder_stack(p, cfg, ids, n_layer, positions=None, encoded=None, enc_mask=None):
     """Mu decoder blocks over ids [B, T] (positions default 0..T-1; pads masked as keys) -> logits [B, T, V]."""
     eps, t = cfg["norm_eps"], ids.shape[1]
-    rope = rope_tables(cfg, torch.arange(t)[None] if positions is None else positions, t)
+    rope = rope_tables(cfg, *decoder_positions(positions, t))
     mask = ids != cfg["pad_token_id"]
     x = F.embedding(ids, p["transformer.wte.weight"])
     for i in range(n_layer):
@@ -761,7 +767,7 @@ def hf_model_cases() -> list[Case]:
 def llama_logits(cfg, p, ids, positions=None):
     """Llama from SPEC.md (SwiGLU, no cross-attention), for cross-checking transformers in this file."""
     eps, t = cfg["norm_eps"], ids.shape[1]
-    rope = rope_tables(cfg, torch.arange(t)[None] if positions is None else positions, t)
+    rope = rope_tables(cfg, *decoder_positions(positions, t))
     mask = ids != cfg["pad_token_id"]
     x = F.embedding(ids, p["model.embed_tokens.weight"])
     for i in range(cfg["n_layer"]):
@@ -1111,7 +1117,7 @@ def generate_cases() -> list[Case]:
                     layout="llama", rope_type="dynamic", rope_factor=2.0, block_size=8, mask_fill="-inf")
     g = generator("generate_llama_hf_cached_steps_ntk")
     params = random_params(g, hf_param_shapes(cfg))
-    prompt = padded_ids(g, [(0, 0), (3, 0)], 6, cfg["vocab_size"])
+    prompt = padded_ids(g, [(1, 0), (3, 0)], 6, cfg["vocab_size"])
     continuation = randint(g, 3, cfg["vocab_size"], 2, 6)
 
     def llama_steps(t, cfg=cfg):
@@ -1122,7 +1128,8 @@ def generate_cases() -> list[Case]:
             t["input.input_ids"].shape[1] - 1)}
 
     cases.append(Case("generate_llama_hf_cached_steps_ntk", "generate", "Llama (transformers) KV-cached decoding: "
-                      "left-padded prompt (positions t - leading pads), 6 steps taking the length from 6 to 12 across "
+                      "left-padded prompt, every row padded (positions t - leading pads, so the NTK length "
+                      "max position + 1 is one less than the padded length), 6 steps taking it from 5 to 11 across "
                       "block_size 8 under dynamic NTK (the cache must be recomputed when the base changes); logits "
                       "equal a full recompute of each prefix",
                       {"input.input_ids": prompt, "input.continuation_ids": continuation,

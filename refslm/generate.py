@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .models import Model, check_attention_mask, check_ids, leading_pads
+from .models import Model, check_attention_mask, check_ids, leading_pads, rope_length
 
 
 class KVCache:
@@ -95,9 +95,13 @@ class CachedDecoder:
         """[B, stop-start] positions of times start..stop-1 (t - leading pads, never below 0)."""
         return np.maximum(np.arange(start, stop)[None, :] - self.offset, 0)
 
+    def _rope_key(self) -> tuple[float, bool]:
+        """What the RoPE tables of the prefix depend on (Model.rope_key of L = max position + 1)."""
+        return self.model.rope_key(rope_length(self._positions(self.length - 1, self.length)))
+
     def _run(self, start: int) -> np.ndarray:
         """Run the decoder over times start..length-1 (caches hold 0..start-1) -> [B, V] last logits."""
-        self.rope_key = self.model.rope_key(self.length)
+        self.rope_key = self._rope_key()
         logits = self.model.decode(self.ids[:, start:self.length], positions=self._positions(start, self.length),
                                    mask_ids=self.ids[:, :self.length],
                                    attention_mask=None if self.real is None else self.real[:, :self.length],
@@ -116,7 +120,7 @@ class CachedDecoder:
             raise ValueError(f"CachedDecoder capacity {self.ids.shape[1]} is full")
         self.ids[:, self.length] = tokens
         self.length += 1
-        stale = self.model.rope_key(self.length) != self.rope_key
+        stale = self._rope_key() != self.rope_key
         self.logits = self._run(0 if stale else self.length - 1)
         return self.logits
 

@@ -318,6 +318,13 @@ def left_padding_positions(ids: np.ndarray, pad_token_id: int | None,
     return np.maximum(np.arange(ids.shape[1])[None, :] - leading[:, None], 0)
 
 
+def rope_length(positions: np.ndarray) -> int:
+    """Decoder positions [B or 1, T] -> L, the sequence length that dynamic NTK and longrope see:
+    max position + 1 (Hugging Face's rule: T for the default 0..T-1, less when every row of a batch
+    is left padded and positions are shifted by the padding)."""
+    return int(np.max(positions)) + 1
+
+
 # ---------------------------------------------------------------- the forward pass
 
 
@@ -512,7 +519,7 @@ class Model:
         positions [B or 1, T] (default start..start+T-1); mask_ids [B, start+T] = every token so far
         (default ids), whose pads are masked as keys, unless attention_mask [B, start+T] 0/1 says which
         tokens are keys; caches: one KVCache per block (required when start > 0); cross: cross_kv(...)
-        for the encoder-decoder. The RoPE base uses start+T tokens.
+        for the encoder-decoder. The RoPE tables use L = rope_length(positions) (= start+T by default).
         """
         cfg = self.config
         t = ids.shape[1]
@@ -520,7 +527,7 @@ class Model:
             positions = np.arange(start, start + t)
         mask = key_mask(ids if mask_ids is None else mask_ids, cfg.pad_token_id,
                         check_attention_mask(attention_mask, (ids.shape[0], start + t)))
-        rope = self.rope(positions, start + t)
+        rope = self.rope(positions, rope_length(positions))
         x = self.embed(ids)
         for i, block in enumerate(self.weights.blocks):
             x = self.block(block, x, rope=rope, mask=mask, causal=True, start=start,

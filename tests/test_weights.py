@@ -323,13 +323,15 @@ def _float64_islands_off(hf, torch, theta: float | None, head_dim: int) -> None:
         hf.model.rotary_emb.forward = rotary
 
 
-def _transformers_logits(directory, ids, float64_rope: bool, config):
+def _transformers_logits(directory, ids, float64_rope: bool, config, position_ids=None, attention_mask=None):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, attn_implementation="sdpa")
     _float64_islands_off(hf, torch, config.rope_theta if float64_rope else None, config.resolved_head_dim)
+    extra = {name: torch.from_numpy(value) for name, value in
+             (("position_ids", position_ids), ("attention_mask", attention_mask)) if value is not None}
     with torch.no_grad():
-        return type(hf).__name__, hf(torch.from_numpy(ids)).logits.numpy()
+        return type(hf).__name__, hf(torch.from_numpy(ids), **extra).logits.numpy()
 
 
 @pytest.mark.parametrize("layout", ["llama-untied", "llama-tied-biases", "phi3"])
@@ -354,3 +356,20 @@ def test_transformers_rope_scaling_agrees(tmp_path, rope_type, factor):
     np.testing.assert_allclose(logits(model, ids), expected, rtol=0, atol=1e-6)
     unscaled = models.from_params(dataclasses.replace(config, rope_type="default"), model.params, dtype="float64")
     assert np.abs(logits(unscaled, ids) - expected).max() > 1e-4  # 100x the tolerance: the scaling is checked
+
+
+def test_transformers_dynamic_ntk_length_is_max_position_plus_one(tmp_path, monkeypatch):
+    # Every row left padded: positions t - leading pads reach 9, so L = 10 < the padded T = 12 (block_size 4).
+    config = tiny_decoder_only(layout="llama", block_size=4, rope_factor=2.0, **{**HF_FORM, "rope_type": "dynamic"})
+    model = models.init(config, seed=6, dtype="float64")
+    save(model, tmp_path)
+    ids = np.array([[0, 0, 3, 5, 7, 9, 11, 13, 200, 100, 17, 19], [0, 0, 0, 4, 6, 8, 10, 12, 14, 300, 1, 21]])
+    mask = (ids != 0).astype(np.int64)
+    positions = models.left_padding_positions(ids, 0, mask)
+    assert models.rope_length(positions) == 10
+    _, expected = _transformers_logits(tmp_path, ids, False, config, positions, mask)
+    np.testing.assert_allclose(model.logits(ids, position_ids=positions, attention_mask=mask), expected, rtol=0,
+                               atol=1e-6)
+    monkeypatch.setattr(models, "rope_length", lambda positions: ids.shape[1])  # the padded length instead
+    as_padded = model.logits(ids, position_ids=positions, attention_mask=mask)
+    assert np.abs(as_padded - expected).max() > 1e-4  # 100x the tolerance: the rule is checked
