@@ -441,25 +441,26 @@ class Model:
         return k, v
 
     def attend(self, attn: Attention, x: Array, k: Array, v: Array, *, rope: tuple | None, mask: np.ndarray | None,
-               causal: bool, q_start: int = 0) -> Array:
-        """Query input x [B, Tq, C], k/v [B, Hkv, Tk, D] -> [B, Tq, C]: q projection, RoPE, attention, out."""
+               causal: bool, q_start: int = 0, residual: Array) -> Array:
+        """Query input x [B, Tq, C], k/v [B, Hkv, Tk, D] -> residual + out(attention) [B, Tq, C]: q projection,
+        RoPE, attention, out projection with the residual [B, Tq, C] added (Backend.linear)."""
         be, cfg = self.backend, self.config
         q = be.split_heads(be.linear(x, attn.q.weight, attn.q.bias), cfg.n_head)
         if rope is not None:
             q = be.rope(q, *rope, cfg.rope_layout)
         y = be.attention(q, k, v, key_mask=mask, causal=causal, q_start=q_start, interleaved=cfg.is_interleaved,
                          mask_fill=cfg.mask_fill)
-        return be.linear(be.merge_heads(y), attn.o.weight, attn.o.bias)
+        return be.linear(be.merge_heads(y), attn.o.weight, attn.o.bias, residual)
 
-    def mlp(self, mlp: Mlp, x: Array) -> Array:
-        """[B, T, C] -> [B, T, C]: GELU-tanh MLP (Mu) or SwiGLU (Llama)."""
+    def mlp(self, mlp: Mlp, x: Array, residual: Array) -> Array:
+        """[B, T, C] -> residual + mlp(x) [B, T, C]: GELU-tanh MLP (Mu) or SwiGLU (Llama)."""
         be = self.backend
         up = be.linear(x, mlp.up.weight, mlp.up.bias)
         if mlp.gate is None:
             hidden = be.activation(up, "gelu_tanh")
         else:
             hidden = be.gated(be.linear(x, mlp.gate.weight, mlp.gate.bias), up, "silu")
-        return be.linear(hidden, mlp.down.weight, mlp.down.bias)
+        return be.linear(hidden, mlp.down.weight, mlp.down.bias, residual)
 
     def block(self, block: Block, x: Array, *, rope: tuple, mask: np.ndarray | None, causal: bool, start: int = 0,
               cache: Any = None, cross: tuple | None = None) -> Array:
@@ -469,18 +470,19 @@ class Model:
         cache (an object with update(k, v, start) -> (k_all, v_all), see refslm.generate.KVCache)
         the new keys/values are stored at times start.. and attention reads the whole prefix. cross =
         (k, v, mask) of the encoder output adds cross-attention (no RoPE) after self-attention.
+        Each sub-layer's output projection adds the residual stream: x = x + sublayer(norm(x)).
         """
         be, eps = self.backend, self.config.norm_eps
         h = be.rmsnorm(x, block.attn_norm, eps)
         k, v = self.project_kv(block.attn, h, rope)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        x = be.add(x, self.attend(block.attn, h, k, v, rope=rope, mask=mask, causal=causal, q_start=start))
+        x = self.attend(block.attn, h, k, v, rope=rope, mask=mask, causal=causal, q_start=start, residual=x)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
             h = be.rmsnorm(x, block.cross_norm, eps)
-            x = be.add(x, self.attend(block.cross_attn, h, cross_k, cross_v, rope=None, mask=cross_mask, causal=False))
-        return be.add(x, self.mlp(block.mlp, be.rmsnorm(x, block.mlp_norm, eps)))
+            x = self.attend(block.cross_attn, h, cross_k, cross_v, rope=None, mask=cross_mask, causal=False, residual=x)
+        return self.mlp(block.mlp, be.rmsnorm(x, block.mlp_norm, eps), residual=x)
 
     # ---- encoder-decoder
     def encode(self, input_ids: np.ndarray, *, centred_positions: bool = True, attention_mask: Any = None) -> Array:

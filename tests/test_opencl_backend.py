@@ -57,20 +57,25 @@ def close(got, ref, dtype, scale=None):
 
 @FEW
 @given(m=st.integers(1, 150), n=st.integers(1, 140), k=st.integers(1, 90), bias=st.booleans(),
-       dtype=st.sampled_from(DTYPES))
-def test_linear_gemm_and_gemv(m, n, k, bias, dtype):
+       residual=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_linear_gemm_and_gemv(m, n, k, bias, residual, dtype):
     rng = np.random.default_rng(m * 10007 + n * 101 + k)
     x, w = rand(rng, (m, k), dtype), rand(rng, (n, k), dtype)
     b = rand(rng, (n,), dtype) if bias else None
-    ref = ops.linear(*f64(x, w, b))
-    close(run(OCL.linear, x, w, b), ref, dtype, scale=np.sqrt(k) * 3)
+    r = rand(rng, (m, n), dtype, 10.0) if residual else None
+    ref = ops.linear(*f64(x, w, b)) + (0.0 if r is None else r.astype(np.float64))
+    close(run(OCL.linear, x, w, b, r), ref, dtype, scale=np.sqrt(k) * 3)
 
 
 def test_linear_gemv_path_and_batch_dims():
     rng = np.random.default_rng(1)
     for rows in (1, 3, 8, 9):  # GEMV up to 8 rows, tiled GEMM above
         x, w = rand(rng, (1, rows, 70), np.float32), rand(rng, (33, 70), np.float32)
+        r = rand(rng, (1, rows, 33), np.float32)
         close(run(OCL.linear, x, w), ops.linear(*f64(x, w)), np.float32, scale=30)
+        close(run(OCL.linear, x, w, None, r), ops.linear(*f64(x, w)) + r, np.float32, scale=30)
+    with pytest.raises(ValueError, match=r"residual must have the output shape \(1, 9, 33\), got \(1, 9, 70\)"):
+        run(OCL.linear, x, w, None, x)
 
 
 @FEW
@@ -83,13 +88,12 @@ def test_rmsnorm(rows, width, unit_offset, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["gelu_tanh", "gelu_erf", "silu"])
-def test_activation_gated_add(kind, dtype):
+def test_activation_gated(kind, dtype):
     rng = np.random.default_rng(2)
     x = np.concatenate([rand(rng, 997, dtype, 4.0), np.array([-800, -30, 0, 30, 800], dtype)])
     up = rand(rng, x.shape, dtype)
     close(run(OCL.activation, x, kind=kind), ops.activation(x.astype(np.float64), kind), dtype)
     close(run(OCL.gated, x, up, kind=kind), ops.gated(*f64(x, up), kind), dtype)
-    close(run(OCL.add, x, up), x.astype(np.float64) + up, dtype)
 
 
 def test_softmax_rows():
@@ -319,25 +323,26 @@ def test_float16_weight_storage_matches_reference_on_rounded_weights(make):
 
 
 def test_launch_rejects_python_scalars():
-    kernel = OCL.kernel("elementwise.cl", "add", np.float32, UNUSED_TEST_DEFINE=1)  # a fresh, undeclared kernel
+    kernel = OCL.kernel("elementwise.cl", "gated", np.float32, UNUSED_TEST_DEFINE=1)  # a fresh, undeclared kernel
     a = OCL.asarray(np.ones(4, np.float32))
-    with pytest.raises(TypeError, match="kernel add argument 0: expected a numpy scalar"):
-        OCL._launch(kernel, (4,), None, 4, a.data, a.data, a.data)
+    with pytest.raises(TypeError, match="kernel gated argument 1: expected a numpy scalar"):
+        OCL._launch(kernel, (4,), None, np.int64(4), 1, a.data, a.data, a.data)
 
 
 @pytest.mark.parametrize("make", [config.tiny_encoder_decoder, config.tiny_decoder_only])
 def test_decode_step_launch_count(make):
     """One cached decode step enqueues exactly the kernels of the forward pass, no hidden copies:
     embedding + final rmsnorm + lm_head, and per block the kernels counted below (a view such as
-    split_heads, merge_heads or time_slice must not cost a copy)."""
+    split_heads, merge_heads or time_slice must not cost a copy, and each residual add is fused into the
+    projection before it)."""
     from refslm.generate import CachedDecoder
 
     cfg = make()
     model = models.from_params(cfg, models.init(cfg, seed=0).params, dtype="float32", backend="opencl")
     decoder = CachedDecoder(model, np.arange(3, 9)[None], 4)
-    self_attention = 1 + 3 + 2 + 2 + 1 + 1 + 1  # norm, q/k/v, rope q/k, cache writes k/v, attention, o, add
-    cross_attention = 1 + 1 + 1 + 1 + 1  # norm, q, attention, o, add
-    mlp = 1 + 2 + 1 + 1  # norm, up + activation (Mu's GELU MLP), down, add
+    self_attention = 1 + 3 + 2 + 2 + 1 + 1  # norm, q/k/v, rope q/k, cache writes k/v, attention, o + residual
+    cross_attention = 1 + 1 + 1 + 1  # norm, q, attention, o + residual
+    mlp = 1 + 2 + 1  # norm, up + activation (Mu's GELU MLP), down + residual
     per_block = self_attention + mlp + (cross_attention if model.is_encoder_decoder else 0)
     before = OCL.launches
     decoder.step(np.array([5]))

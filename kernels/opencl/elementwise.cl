@@ -1,4 +1,4 @@
-/* Elementwise and row kernels: copies, embedding, add, activations, RMSNorm, RoPE, softmax. */
+/* Elementwise and row kernels: copies, embedding, activations, RMSNorm, RoPE, softmax. */
 #include "common.h"
 
 /* dst[i0,i1,i2,i3] = src[i0,i1,i2,i3] for strided 4-D views (strides and offsets in elements). */
@@ -21,11 +21,6 @@ __kernel void embedding(const long total, const int C, __global const long *ids,
     const long i = get_global_id(0);
     if (i >= total) return;
     out[i] = WLOAD(table, ids[i / C] * C + i % C);
-}
-
-__kernel void add(const long total, __global const REAL *a, __global const REAL *b, __global REAL *out) {
-    const long i = get_global_id(0);
-    if (i < total) out[i] = a[i] + b[i];
 }
 
 __kernel void activation(const long total, const int kind, __global const REAL *x, __global REAL *out) {

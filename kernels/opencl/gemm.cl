@@ -1,4 +1,5 @@
-/* C [M, N] = A [M, K] @ W [N, K]^T (+ bias [N]): the PyTorch Linear layout, both operands K-contiguous.
+/* C [M, N] = A [M, K] @ W [N, K]^T (+ bias [N]) (+ R [M, N]): the PyTorch Linear layout, both operands
+ * K-contiguous; R is the residual stream, added last ((acc + bias) + R, the rounding of two separate ops).
  *
  * gemm_nt: a TM x TN tile of C per work-group, staged through local-memory tiles of TK columns of K;
  * work-group (TN / RN, TM / RM); each work-item accumulates an RM x RN register block whose rows and
@@ -11,6 +12,10 @@
  */
 #include "common.h"
 
+/* The value stored at C[m, n] for the dot product acc. */
+#define EPILOGUE(acc, m, n) \
+    (((acc) + (has_bias ? bias[n] : (REAL)0)) + (has_residual ? R[(long)(m) * N + (n)] : (REAL)0))
+
 #ifdef TM
 #define LX (TN / RN)
 #define LY (TM / RM)
@@ -18,7 +23,8 @@
 
 __kernel __attribute__((reqd_work_group_size(LX, LY, 1)))
 void gemm_nt(const int M, const int N, const int K, __global const REAL *A, __global const WTYPE *W,
-             __global const REAL *bias, const int has_bias, __global REAL *C) {
+             __global const REAL *bias, const int has_bias, __global const REAL *R, const int has_residual,
+             __global REAL *C) {
     __local REAL As[TK][TM + 1];
     __local REAL Ws[TK][TN + 1];
     const int tx = get_local_id(0), ty = get_local_id(1);
@@ -54,7 +60,7 @@ void gemm_nt(const int M, const int N, const int K, __global const REAL *A, __gl
         if (m >= M) continue;
         for (int j = 0; j < RN; j++) {
             const int n = n0 + tx + j * LX;
-            if (n < N) C[(long)m * N + n] = acc[i][j] + (has_bias ? bias[n] : (REAL)0);
+            if (n < N) C[(long)m * N + n] = EPILOGUE(acc[i][j], m, n);
         }
     }
 }
@@ -65,7 +71,8 @@ void gemm_nt(const int M, const int N, const int K, __global const REAL *A, __gl
 
 __kernel __attribute__((reqd_work_group_size(GV, 1, 1)))
 void gemv_nt(const int M, const int N, const int K, __global const REAL *A, __global const WTYPE *W,
-             __global const REAL *bias, const int has_bias, __global REAL *C) {
+             __global const REAL *bias, const int has_bias, __global const REAL *R, const int has_residual,
+             __global REAL *C) {
     __local REAL scratch[GEMV_MAX_M][GV];
     const int n = get_group_id(0), lid = get_local_id(0);
     REAL acc[GEMV_MAX_M];
@@ -82,6 +89,6 @@ void gemv_nt(const int M, const int N, const int K, __global const REAL *A, __gl
             for (int m = 0; m < M; m++) scratch[m][lid] += scratch[m][lid + s];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
-    if (lid < M) C[(long)lid * N + n] = scratch[lid][0] + (has_bias ? bias[n] : (REAL)0);
+    if (lid < M) C[(long)lid * N + n] = EPILOGUE(scratch[lid][0], lid, n);
 }
 #endif

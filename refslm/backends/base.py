@@ -52,12 +52,11 @@ class Backend:
         """ids [B, T] int64 (host), table [V, C] -> [B, T, C]."""
         raise NotImplementedError
 
-    def linear(self, x: Array, weight: Array, bias: Array | None = None) -> Array:
-        """[..., in], [out, in], [out] -> [..., out]."""
-        raise NotImplementedError
+    def linear(self, x: Array, weight: Array, bias: Array | None = None, residual: Array | None = None) -> Array:
+        """[..., in], [out, in], [out], [..., out] -> [..., out] = (x W^T + bias) + residual.
 
-    def add(self, a: Array, b: Array) -> Array:
-        """Elementwise a + b, same shape (the residual connection)."""
+        residual is the block's residual stream, added last (the residual connection fused into the
+        projection that ends each sub-layer: one kernel instead of two on a device)."""
         raise NotImplementedError
 
     def rmsnorm(self, x: Array, weight: Array, eps: float, unit_offset: bool = False) -> Array:

@@ -30,11 +30,14 @@ class NumpyBackend(Backend):
     def embedding(self, ids, table):
         return ops.embedding(ids, table)
 
-    def linear(self, x, weight, bias=None):
-        return ops.linear(x, weight, bias)
-
-    def add(self, a, b):
-        return a + b
+    def linear(self, x, weight, bias=None, residual=None):
+        y = ops.linear(x, weight, bias)
+        if residual is None:
+            return y
+        if residual.shape != y.shape:
+            raise ValueError(f"linear: residual must have the output shape {y.shape}, got {residual.shape}")
+        y += residual  # y is a fresh array
+        return y
 
     def rmsnorm(self, x, weight, eps, unit_offset=False):
         return ops.rmsnorm(x, weight, eps, unit_offset)

@@ -454,13 +454,16 @@ class OpenCLBackend(Backend):
                          device_ids.data, table.data, out.data)
         return out
 
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, residual=None):
         x = self._dense(x)
-        dtype = self._check_dtype(x, *([bias] if bias is not None else []))
+        residual = None if residual is None else self._dense(residual)
+        dtype = self._check_dtype(x, *(a for a in (bias, residual) if a is not None))
         n, k = weight.shape
         if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
             raise ValueError(f"linear: x [..., {k}] and bias [{n}] expected for weight {weight.shape}, "
                              f"got x {x.shape}, bias {None if bias is None else bias.shape}")
+        if residual is not None and residual.shape != (*x.shape[:-1], n):
+            raise ValueError(f"linear: residual must have the output shape {(*x.shape[:-1], n)}, got {residual.shape}")
         half = weight.dtype == np.float16
         if not half and weight.dtype != dtype:
             raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {dtype}")
@@ -469,7 +472,8 @@ class OpenCLBackend(Backend):
         if out.size == 0:
             return out
         args = (np.int32(m), np.int32(n), np.int32(k), x.data, weight.data,
-                (bias if bias is not None else x).data, np.int32(bias is not None), out.data)
+                (bias if bias is not None else x).data, np.int32(bias is not None),
+                (residual if residual is not None else x).data, np.int32(residual is not None), out.data)
         extra = {"W_HALF": 1} if half else {}
         if m <= GEMV_MAX_M:
             gv = min(128, self.device.max_work_group_size)
@@ -489,13 +493,6 @@ class OpenCLBackend(Backend):
             self._launch(self.kernel("elementwise.cl", name, out.dtype), *self._elementwise_size(out.size),
                          np.int64(out.size), *args, out.data)
         return out
-
-    def add(self, a, b):
-        a, b = self._dense(a), self._dense(b)
-        self._check_dtype(a, b)
-        if a.shape != b.shape:
-            raise ValueError(f"add needs equal shapes, got {a.shape} and {b.shape}")
-        return self._map("add", a, a.data, b.data)
 
     def _activation_code(self, kind: str) -> np.int32:
         if kind not in ACTIVATION_CODES:

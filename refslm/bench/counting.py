@@ -55,12 +55,12 @@ class CountingBackend(Backend):
             return "mlp"
         return "projections"
 
-    def linear(self, x, weight, bias=None):
-        """[..., in], [out, in], [out] -> [..., out]; counts 2 * rows * in * out."""
+    def linear(self, x, weight, bias=None, residual=None):
+        """[..., in], [out, in], [out], [..., out] -> [..., out]; counts 2 * rows * in * out."""
         out_features, in_features = weight.shape
         rows = math.prod(x.shape[:-1])
         self.counts[self._component(weight.shape)] += gemm(rows, out_features, in_features)
-        return self.inner.linear(x, weight, bias)
+        return self.inner.linear(x, weight, bias, residual)
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; counts 2*B*Hq*Tq*Tk*D for scores and for values."""
