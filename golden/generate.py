@@ -150,8 +150,10 @@ def t_repeat_kv(x, n_rep, interleaved):
     return x.repeat_interleave(n_rep, dim=1) if interleaved else x.repeat(1, n_rep, 1, 1)
 
 
-def t_attention(q, k, v, key_mask=None, causal=False, q_start=0, interleaved=False, mask_fill="finite_min"):
-    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] -> [B, Hq, Tq, D] (SPEC.md attention)."""
+def t_attention(q, k, v, key_mask=None, causal=False, q_start=0, interleaved=False, mask_fill="finite_min",
+                segment_ids=None):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk], segment_ids [B, Tk] -> [B, Hq, Tq, D]
+    (SPEC.md attention; query i is the token at time q_start + i for segments)."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
     n_rep = hq // k.shape[1]
@@ -161,6 +163,8 @@ def t_attention(q, k, v, key_mask=None, causal=False, q_start=0, interleaved=Fal
         allowed = allowed & key_mask.bool()[:, None, None, :]
     if causal:
         allowed = allowed & (torch.arange(tk)[None, :] <= q_start + torch.arange(tq)[:, None])
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, q_start:q_start + tq, None] == segment_ids[:, None, None, :])
     fill = torch.finfo(q.dtype).min if mask_fill == "finite_min" else -math.inf
     scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, fill) / math.sqrt(d)
     weights = torch.softmax(scores, -1)
@@ -377,7 +381,7 @@ def rope_cases() -> list[Case]:
 
 def attention_cases() -> list[Case]:
     """Scaled dot-product attention in every configuration the models use."""
-    specs = [  # name, description, Hq, Hkv, Tq, Tk, causal, q_start, interleaved, key mask rows, fill
+    specs = [  # name, description, Hq, Hkv, Tq, Tk, causal, q_start, interleaved, key mask rows, fill[, segments]
         ("mha_bidirectional", "MHA 4/4, bidirectional, no mask", 4, 4, 6, 6, False, 0, False, None, "finite_min"),
         ("gqa_block_causal", "GQA 6/2 block order (h -> h % Hkv), causal", 6, 2, 7, 7, True, 0, False, None,
          "finite_min"),
@@ -393,9 +397,15 @@ def attention_cases() -> list[Case]:
          6, 2, 7, 7, True, 0, True, [-3, 0], "-inf"),
         ("q_start", "KV-cache step: Tq 3 queries at positions 5..7 over Tk 8 keys, causal, GQA 6/2 block",
          6, 2, 3, 8, True, 5, False, [8, 6], "finite_min"),
+        ("packed_segments", "packed rows: segment_ids, causal block-diagonal attention (row 0: segments of 9, "
+         "17, 10 then 4 pads; row 1: 3 left pads then 20 and 17), key padding on the pads, GQA 6/2 block, "
+         "Tq = Tk = 40", 6, 2, 40, 40, True, 0, False, [36, -3], "finite_min", [[9, 17, 10, -4], [-3, 20, 17]]),
+        ("packed_segments_step", "packed rows, two query rows at positions 38..39 (a cached step) over 40 keys, "
+         "segment_ids as in packed_segments, -inf fill, GQA 6/2 interleaved", 6, 2, 2, 40, True, 38, True,
+         [36, -3], "-inf", [[9, 17, 10, -4], [-3, 20, 17]]),
     ]
     cases = []
-    for name, description, hq, hkv, tq, tk, causal, q_start, interleaved, mask_rows, fill in specs:
+    for name, description, hq, hkv, tq, tk, causal, q_start, interleaved, mask_rows, fill, *segments in specs:
         g = generator(f"attention_{name}")
         inputs = {"input.q": randn(g, 2, hq, tq, 8, scale=1.5), "input.k": randn(g, 2, hkv, tk, 8, scale=1.5),
                   "input.v": randn(g, 2, hkv, tk, 8)}
@@ -407,14 +417,29 @@ def attention_cases() -> list[Case]:
                 elif n < 0:
                     mask[row, -n:] = 1
             inputs["input.key_mask"] = mask
+        if segments:  # per row: segment lengths, numbered 1, 2, ... in order; -n: n padding tokens (segment 0)
+            inputs["input.segment_ids"] = torch.tensor([segment_row(lengths) for lengths in segments[0]])
         attributes = dict(op="attention", causal=causal, q_start=q_start, interleaved=interleaved, mask_fill=fill)
 
         def compute(t, a=attributes):
             return {"output.y": t_attention(t["input.q"], t["input.k"], t["input.v"], t.get("input.key_mask"),
-                                            a["causal"], a["q_start"], a["interleaved"], a["mask_fill"])}
+                                            a["causal"], a["q_start"], a["interleaved"], a["mask_fill"],
+                                            t.get("input.segment_ids"))}
 
         cases.append(Case(f"op_attention_{name}", "op", description, inputs, compute, attributes))
     return cases
+
+
+def segment_row(lengths: list[int]) -> list[int]:
+    """Segment lengths (-n: n padding tokens, segment 0) -> one row of segment ids 1, 2, ... (0 on padding)."""
+    row, number = [], 0
+    for n in lengths:
+        if n < 0:
+            row += [0] * -n
+        else:
+            number += 1
+            row += [number] * n
+    return row
 
 
 # ------------------------------------------------------------------ models (SPEC.md section 3)
@@ -761,7 +786,39 @@ def hf_model_cases() -> list[Case]:
 
         cases.append(Case(name, "model", description, inputs, compute, {"model_kind": "decoder_only",
                                                                         "computed_by": "transformers"}, cfg))
+    cases.append(packed_rows_case(do_config(**{**base, "layout": "llama", "tie_word_embeddings": False})))
     return cases
+
+
+def packed_rows_case(cfg: dict) -> Case:
+    """Five sequences packed into two rows of 16 (row 0: 6 + 9 tokens and one pad; row 1: 5 + 7 + 4), with
+    segment_ids and positions restarting per sequence; transformers runs every sequence ALONE, and the
+    golden holds those logits in row-major order of the packed tokens [31, V]."""
+    name = "model_llama_hf_packed_rows"
+    g = generator(name)
+    params = random_params(g, hf_param_shapes(cfg))
+    layout = [[6, 9, -1], [5, 7, 4]]
+    segment_ids = torch.tensor([segment_row(lengths) for lengths in layout])
+    input_ids = torch.where(segment_ids > 0, randint(g, 3, cfg["vocab_size"], *segment_ids.shape), cfg["pad_token_id"])
+    position_ids = torch.zeros_like(segment_ids)
+    for row in range(segment_ids.shape[0]):
+        for s in segment_ids[row].unique():
+            if s > 0:
+                position_ids[row, segment_ids[row] == s] = torch.arange(int((segment_ids[row] == s).sum()))
+    inputs = {"input.input_ids": input_ids, "input.position_ids": position_ids, "input.segment_ids": segment_ids,
+              **{f"param.{k}": v for k, v in params.items()}}
+
+    def compute(t):
+        p, ids, segments = params_of(t), t["input.input_ids"], t["input.segment_ids"]
+        alone = [hf_logits(cfg, p, ids[row][segments[row] == s][None])[0]
+                 for row in range(ids.shape[0]) for s in segments[row].unique() if s > 0]
+        return {"output.logits": torch.cat(alone)}
+
+    return Case(name, "model", "Hugging Face LlamaForCausalLM over packed rows: five sequences in two rows of 16, "
+                "segment_ids (attention only within a sequence) and position_ids restarting at 0 per sequence; "
+                "the golden is transformers run on each sequence alone (logits of the packed tokens, [31, V], "
+                "in row-major order; the pad's logits are not part of it)", inputs, compute,
+                {"model_kind": "decoder_only", "computed_by": "transformers"}, cfg)
 
 
 def llama_logits(cfg, p, ids, positions=None):

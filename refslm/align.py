@@ -165,6 +165,9 @@ class TeacherBatch:
     attention_mask [R, T_teacher] bool: input_ids != pad (a target token equal to pad is masked too).
     segment_ids    [R, T_teacher] int64: b + 1 on the tokens of pair b, 0 on padding. In a packed row
                    the teacher must attend only within a segment (block-diagonal causal mask).
+    position_ids   [R, T_teacher] int64: 0, 1, ... from the first token of each pair, 0 on padding.
+                   A decoder-only teacher scores every pair as if alone with
+                   `model.logits(input_ids, position_ids=position_ids, segment_ids=segment_ids)`.
     rows           [B] int64: teacher row holding pair b.
     source_ends    [B] int64: teacher position just after the last source token of pair b; target
                    token t of pair b sits at source_ends[b] + t.
@@ -174,6 +177,7 @@ class TeacherBatch:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     segment_ids: np.ndarray
+    position_ids: np.ndarray
     rows: np.ndarray
     source_ends: np.ndarray
     target_lengths: np.ndarray
@@ -190,12 +194,16 @@ def _paired(sources, targets, vocab_size) -> tuple[list[np.ndarray], list[np.nda
 def _teacher_batch(input_ids: np.ndarray, pad_id: int, rows, starts, src, tgt) -> TeacherBatch:
     """Assemble a TeacherBatch from rows already filled and pair b placed at rows[b], starts[b]."""
     segment_ids = np.zeros_like(input_ids)
+    position_ids = np.zeros_like(input_ids)
     for b, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        segment_ids[row, start : start + len(src[b]) + len(tgt[b])] = b + 1
+        size = len(src[b]) + len(tgt[b])
+        segment_ids[row, start : start + size] = b + 1
+        position_ids[row, start : start + size] = np.arange(size)
     return TeacherBatch(
         input_ids=input_ids,
         attention_mask=input_ids != pad_id,
         segment_ids=segment_ids,
+        position_ids=position_ids,
         rows=np.asarray(rows, dtype=np.int64),
         source_ends=np.array([s + len(x) for s, x in zip(starts, src, strict=True)], dtype=np.int64),
         target_lengths=np.array([len(t) for t in tgt], dtype=np.int64),

@@ -9,7 +9,7 @@ Its logits equal those of `model.logits` over the whole prefix (SPEC.md "Generat
     once; the decoder prefix starts with [BOS] (or the given decoder_input_ids), positions 0..T-1.
   - decoder-only: the prompt is LEFT padded with pad ids; token t of row b sits at position
     t - (leading pads of row b) (`models.left_padding_positions`); pad keys are masked.
-  - dynamic NTK (rope_type 'dynamic', rope_factor > 1): the RoPE base depends on the total length,
+  - dynamic NTK (rope_type 'dynamic', rope_factor > 1): the RoPE base depends on the length L (max position + 1),
     so once it exceeds block_size every cached key is stale; the decoder then recomputes the whole
     prefix (and refills the cache) whenever the base changes, which keeps the logits exact.
   - longrope: the same recomputation once the length passes rope_original_max_position and the

@@ -260,7 +260,8 @@ def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> 
         mask = t.get("input.key_mask")
         y = backend.attention(on(t["input.q"]), on(t["input.k"]), on(t["input.v"]),
                               key_mask=None if mask is None else mask.astype(bool), causal=a["causal"],
-                              q_start=a["q_start"], interleaved=a["interleaved"], mask_fill=a["mask_fill"])
+                              q_start=a["q_start"], interleaved=a["interleaved"], mask_fill=a["mask_fill"],
+                              segment_ids=t.get("input.segment_ids"))
     else:
         raise GoldenError(f"case {case.name}: unknown op {op!r}")
     return {"output.y": backend.to_numpy(y)}
@@ -282,9 +283,14 @@ def case_model(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str):
 
 
 def _run_model(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> dict[str, np.ndarray]:
-    """Logits of a whole model, no cache: encoder-decoder (input_ids, decoder_input_ids) or decoder-only."""
+    """Logits of a whole model, no cache: encoder-decoder (input_ids, decoder_input_ids) or decoder-only
+    (input_ids, optional position_ids and segment_ids). Packed rows (segment_ids): the golden holds the
+    logits of the tokens with segment > 0 only, [N, V] in row-major order."""
     model = case_model(case, t, backend, dtype)
-    return {"output.logits": model.logits(t["input.input_ids"], t.get("input.decoder_input_ids"))}
+    segments = t.get("input.segment_ids")
+    logits = model.logits(t["input.input_ids"], t.get("input.decoder_input_ids"),
+                          position_ids=t.get("input.position_ids"), segment_ids=segments)
+    return {"output.logits": logits if segments is None else logits[segments > 0]}
 
 
 @dataclass(frozen=True)

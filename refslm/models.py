@@ -441,15 +441,16 @@ class Model:
         return k, v
 
     def attend(self, attn: Attention, x: Array, k: Array, v: Array, *, rope: tuple | None, mask: np.ndarray | None,
-               causal: bool, q_start: int = 0, residual: Array) -> Array:
+               causal: bool, q_start: int = 0, residual: Array, segment_ids: np.ndarray | None = None) -> Array:
         """Query input x [B, Tq, C], k/v [B, Hkv, Tk, D] -> residual + out(attention) [B, Tq, C]: q projection,
-        RoPE, attention, out projection with the residual [B, Tq, C] added (Backend.linear)."""
+        RoPE, attention (key mask, causal, segment_ids [B, Tk]: see ops.attention), out projection with the
+        residual [B, Tq, C] added (Backend.linear)."""
         be, cfg = self.backend, self.config
         q = be.split_heads(be.linear(x, attn.q.weight, attn.q.bias), cfg.n_head)
         if rope is not None:
             q = be.rope(q, *rope, cfg.rope_layout)
         y = be.attention(q, k, v, key_mask=mask, causal=causal, q_start=q_start, interleaved=cfg.is_interleaved,
-                         mask_fill=cfg.mask_fill)
+                         mask_fill=cfg.mask_fill, segment_ids=segment_ids)
         return be.linear(be.merge_heads(y), attn.o.weight, attn.o.bias, residual)
 
     def mlp(self, mlp: Mlp, x: Array, residual: Array) -> Array:
@@ -463,13 +464,14 @@ class Model:
         return be.linear(hidden, mlp.down.weight, mlp.down.bias, residual)
 
     def block(self, block: Block, x: Array, *, rope: tuple, mask: np.ndarray | None, causal: bool, start: int = 0,
-              cache: Any = None, cross: tuple | None = None) -> Array:
+              cache: Any = None, cross: tuple | None = None, segment_ids: np.ndarray | None = None) -> Array:
         """One pre-norm block: x [B, T, C] -> [B, T, C].
 
         Self-attention over x (RoPE from rope, key mask [B, start+T], causal when asked). With a
         cache (an object with update(k, v, start) -> (k_all, v_all), see refslm.generate.KVCache)
         the new keys/values are stored at times start.. and attention reads the whole prefix. cross =
         (k, v, mask) of the encoder output adds cross-attention (no RoPE) after self-attention.
+        segment_ids [B, start+T] restricts self-attention to tokens of the same segment (packed rows).
         Each sub-layer's output projection adds the residual stream: x = x + sublayer(norm(x)).
         """
         be, eps = self.backend, self.config.norm_eps
@@ -477,7 +479,8 @@ class Model:
         k, v = self.project_kv(block.attn, h, rope)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        x = self.attend(block.attn, h, k, v, rope=rope, mask=mask, causal=causal, q_start=start, residual=x)
+        x = self.attend(block.attn, h, k, v, rope=rope, mask=mask, causal=causal, q_start=start, residual=x,
+                        segment_ids=segment_ids)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
             h = be.rmsnorm(x, block.cross_norm, eps)
@@ -515,13 +518,14 @@ class Model:
     # ---- decoder (both kinds)
     def decode(self, ids: np.ndarray, *, positions: np.ndarray | None = None, mask_ids: np.ndarray | None = None,
                attention_mask: Any = None, start: int = 0, caches: list | None = None, cross: list | None = None,
-               last_only: bool = False) -> np.ndarray:
+               last_only: bool = False, segment_ids: np.ndarray | None = None) -> np.ndarray:
         """Causal stack over new tokens ids [B, T] at times start..start+T-1 -> logits [B, T or 1, V].
 
         positions [B or 1, T] (default start..start+T-1); mask_ids [B, start+T] = every token so far
         (default ids), whose pads are masked as keys, unless attention_mask [B, start+T] 0/1 says which
         tokens are keys; caches: one KVCache per block (required when start > 0); cross: cross_kv(...)
-        for the encoder-decoder. The RoPE tables use L = rope_length(positions) (= start+T by default).
+        for the encoder-decoder; segment_ids [B, start+T] int: each token attends only to tokens of its
+        own segment (packed rows). The RoPE tables use L = rope_length(positions) (= start+T by default).
         """
         cfg = self.config
         t = ids.shape[1]
@@ -532,7 +536,7 @@ class Model:
         rope = self.rope(positions, rope_length(positions))
         x = self.embed(ids)
         for i, block in enumerate(self.weights.blocks):
-            x = self.block(block, x, rope=rope, mask=mask, causal=True, start=start,
+            x = self.block(block, x, rope=rope, mask=mask, causal=True, start=start, segment_ids=segment_ids,
                            cache=None if caches is None else caches[i], cross=None if cross is None else cross[i])
         if last_only:
             x = self.backend.time_slice(x, t - 1, t)  # [B, 1, C]
@@ -540,7 +544,7 @@ class Model:
 
     # ---- public API
     def logits(self, input_ids: Any, decoder_input_ids: Any = None, *, position_ids: Any = None,
-               attention_mask: Any = None, centred_positions: bool = True) -> np.ndarray:
+               attention_mask: Any = None, centred_positions: bool = True, segment_ids: Any = None) -> np.ndarray:
         """Logits [B, T, V] (model dtype) without any cache.
 
         Encoder-decoder: input_ids [B, Te] go to the encoder, decoder_input_ids [B, Td] (required) to
@@ -548,13 +552,17 @@ class Model:
         (default 0..T-1; see left_padding_positions for left-padded batches). attention_mask [B, Te]
         or [B, T] of 0/1 (Hugging Face's; 0 = padding), when given, replaces the pad-id rule for
         input_ids: exactly its 1s are attended as keys (a pad id marked 1 is a real token).
+        segment_ids [B, T] int (decoder-only): packed rows, each token attends only to earlier tokens
+        of its own segment (block-diagonal causal attention); pair it with position_ids restarting at 0
+        in every segment (refslm.align.TeacherBatch.position_ids) to score each sequence as if alone.
         """
         cfg = self.config
         if self.is_encoder_decoder:
             if decoder_input_ids is None:
                 raise ValueError("the encoder-decoder needs decoder_input_ids [B, Td]")
-            if position_ids is not None:
-                raise ValueError("position_ids is for decoder-only models (decoder positions are 0..Td-1)")
+            if position_ids is not None or segment_ids is not None:
+                raise ValueError("position_ids and segment_ids are for decoder-only models (decoder positions "
+                                 "are 0..Td-1)")
             dec = check_ids("decoder_input_ids", decoder_input_ids, cfg.vocab_size)
             ids = check_ids("input_ids", input_ids, cfg.vocab_size)
             if dec.shape[0] != ids.shape[0]:
@@ -565,7 +573,8 @@ class Model:
             raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         return self.decode(ids, positions=None if position_ids is None else check_positions(position_ids, ids.shape),
-                           attention_mask=attention_mask)
+                           attention_mask=attention_mask,
+                           segment_ids=ops.check_segment_ids(segment_ids, *ids.shape, ids.shape[1], 0))
 
     def generate(self, input_ids: Any, max_new_tokens: int, *, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

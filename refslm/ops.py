@@ -241,12 +241,31 @@ def repeat_kv(x: np.ndarray, n_rep: int, interleaved: bool) -> np.ndarray:
     return np.repeat(x, n_rep, axis=1) if interleaved else np.tile(x, (1, n_rep, 1, 1))
 
 
+def check_segment_ids(segment_ids, batch: int, tq: int, tk: int, q_start: int) -> np.ndarray | None:
+    """segment_ids [B, Tk] integers (or None) -> int32 array, checked for self-attention: query i is the
+    token at time q_start + i, so q_start + Tq <= Tk. Raises ValueError naming segment_ids otherwise."""
+    if segment_ids is None:
+        return None
+    segment_ids = np.asarray(segment_ids)
+    if segment_ids.shape != (batch, tk) or segment_ids.dtype.kind not in "iu":
+        raise ValueError(f"segment_ids must be an integer array of shape ({batch}, {tk}), got "
+                         f"{segment_ids.dtype} {segment_ids.shape}")
+    if q_start + tq > tk:
+        raise ValueError(f"segment_ids need self-attention (queries at times q_start..q_start+Tq-1 of the "
+                         f"keys), got q_start {q_start} + Tq {tq} > Tk {tk}")
+    if segment_ids.size and (segment_ids.min() < np.iinfo(np.int32).min or segment_ids.max() > np.iinfo(np.int32).max):
+        raise ValueError("segment_ids must fit in int32")
+    return segment_ids.astype(np.int32)
+
+
 def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: int, tk: int,
-                   q_start: int = 0) -> np.ndarray | None:
+                   q_start: int = 0, segment_ids: np.ndarray | None = None) -> np.ndarray | None:
     """-> [B, 1, Tq, Tk] bool (True = may attend), or None when nothing is masked.
 
     key_mask [B, Tk] bool marks real (non-pad) keys. causal: query i sits at absolute position
-    q_start + i and sees keys j <= q_start + i (keys are positions 0..Tk-1).
+    q_start + i and sees keys j <= q_start + i (keys are positions 0..Tk-1). segment_ids [B, Tk]
+    (checked by check_segment_ids): query i sees only keys j with segment_ids[b, j] ==
+    segment_ids[b, q_start + i] (packed rows: block-diagonal attention).
     """
     allowed = None
     if key_mask is not None:
@@ -254,6 +273,9 @@ def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: in
     if causal:
         tri = np.arange(tk)[None, :] <= (q_start + np.arange(tq))[:, None]
         allowed = tri[None, None] if allowed is None else (allowed & tri[None, None])
+    if segment_ids is not None:
+        same = segment_ids[:, None, q_start:q_start + tq, None] == segment_ids[:, None, None, :]
+        allowed = same if allowed is None else (allowed & same)
     return allowed
 
 
@@ -290,11 +312,12 @@ def softmax_inplace(x: np.ndarray) -> np.ndarray:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarray | None = None,
               causal: bool = False, q_start: int = 0, interleaved: bool = False,
-              mask_fill: str = "finite_min") -> np.ndarray:
+              mask_fill: str = "finite_min", segment_ids: np.ndarray | None = None) -> np.ndarray:
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D].
 
     scores = Q K^T (query head h reads kv head h % Hkv, or h // n_rep when interleaved: repeat_kv);
-    masked entries set to the fill; scores / sqrt(D); softmax over keys; @ V.
+    masked entries (attention_mask: key_mask, causal, segment_ids) set to the fill; scores / sqrt(D);
+    softmax over keys; @ V.
     mask_fill 'finite_min': the dtype's most negative finite value (a fully masked row becomes the
     uniform average of all values, as in the public Mu code). '-inf': masked keys get exactly zero
     weight; a fully masked row is defined as zeros (never NaN).
@@ -303,7 +326,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarr
     hkv, tk = k.shape[1], k.shape[2]
     scores = group_query_heads(q, hkv, interleaved) @ k.transpose(0, 1, 3, 2)  # [B, Hkv, n_rep*Tq, Tk]
     per_head = scores.reshape(b, hkv, hq // hkv, tq, tk)  # a view, to apply [B, 1, 1, Tq, Tk] masks
-    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start)
+    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start, check_segment_ids(segment_ids, b, tq, tk, q_start))
     empty = None
     if allowed is not None:
         allowed = allowed[:, :, None]

@@ -73,6 +73,7 @@ def test_packed_rows_every_index():
     teacher = align.packed_teacher_batch([[5], [7, 8], [9, 9, 9]], [[20, EOS], [21], [22]], row_length=6, pad_id=PAD)
     np.testing.assert_array_equal(teacher.input_ids, [[5, 20, 2, 7, 8, 21], [9, 9, 9, 22, 0, 0]])
     np.testing.assert_array_equal(teacher.segment_ids, [[1, 1, 1, 2, 2, 2], [3, 3, 3, 3, 0, 0]])
+    np.testing.assert_array_equal(teacher.position_ids, [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 0]])
     np.testing.assert_array_equal(teacher.rows, [0, 0, 1])
     np.testing.assert_array_equal(teacher.source_ends, [1, 5, 3])
     positions, valid = align.index_map(teacher, 2)
@@ -145,6 +146,34 @@ def test_aligned_logit_has_seen_exactly_source_and_target_prefix(pairs, layout, 
         np.testing.assert_array_equal(valid[b], np.arange(dec) < len(target))
         for t in range(len(target)):
             assert gathered[b, t, 0] == prefix_code(list(source) + list(target[:t])), (b, t)
+
+
+@pytest.mark.parametrize("layout", ["packed", "paper", "right_padded"])
+@pytest.mark.parametrize("teacher_layout", ["mu", "llama"])
+def test_real_teacher_logits_equal_each_pair_alone(layout, teacher_layout):
+    """A refslm decoder-only teacher over packed / paper / right-padded rows, fed the batch's position_ids
+    and segment_ids: every gathered logit equals the teacher run on that pair alone."""
+    from refslm import models
+    from refslm.config import tiny_decoder_only
+
+    cfg = tiny_decoder_only(**({} if teacher_layout == "mu" else {"layout": "llama", "is_interleaved": True}))
+    model = models.init(cfg, seed=4, dtype="float64")
+    sources, targets = [[5, 6], [7, 8, 9], [10], [11, 12, 13]], [[20, EOS], [21], [22, 23, EOS], [24, 25]]
+    if layout == "packed":
+        teacher = align.packed_teacher_batch(sources, targets, row_length=9, pad_id=PAD)
+        assert teacher.input_ids.shape[0] == 2  # pairs really share rows
+    elif layout == "paper":
+        teacher = align.paper_teacher_batch(sources, targets, align.PaperLayout(3, 4, pad_id=PAD))
+    else:
+        teacher = align.right_padded_teacher_batch(sources, targets, pad_id=PAD)
+    logits = model.logits(teacher.input_ids, position_ids=teacher.position_ids, segment_ids=teacher.segment_ids)
+    positions, valid = align.index_map(teacher, 3)
+    gathered = align.gather_teacher_logits(logits, positions, valid, rows=teacher.rows)
+    for b, (source, target) in enumerate(zip(sources, targets, strict=True)):
+        alone = model.logits(np.array([source + target]))[0]
+        for t in range(len(target)):  # target token t is predicted after the source and target[:t]
+            np.testing.assert_allclose(gathered[b, t], alone[len(source) - 1 + t], rtol=0,
+                                       atol=1e-12 * np.abs(alone).max())
 
 
 # ---------------------------------------------------------------- vocabulary

@@ -405,3 +405,25 @@ def test_pad_token_none_masks_nothing():
     # with nothing masked, the last position sees every earlier token: equal to an unmasked id set
     np.testing.assert_allclose(model.logits(ids), models.init(
         tiny_decoder_only(layout="llama", pad_token_id=9), seed=3, dtype="float64").logits(ids), rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["mu", "llama", "phi3"])
+def test_packed_rows_with_segments_equal_each_sequence_alone(kind):
+    model = models.init(ALL_KINDS[kind](), seed=3, dtype="float64")
+    sequences = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]]
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 0, 0]])  # pad id 0 at the end of row 1
+    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 2, 2], [3, 3, 4, 4, 4, 4, 0, 0]])
+    position_ids = np.array([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 0, 0]])
+    packed = model.logits(ids, position_ids=position_ids, segment_ids=segment_ids)
+    alone = np.concatenate([model.logits(np.array([s]))[0] for s in sequences])
+    np.testing.assert_allclose(packed[segment_ids > 0], alone, rtol=0, atol=1e-12 * np.abs(alone).max())
+    plain = model.logits(ids, position_ids=position_ids)  # without segments the later sequences see the earlier
+    assert rel_err(plain[segment_ids > 0], alone) > 1e-3
+
+
+def test_segment_ids_errors():
+    decoder_only = models.init(tiny_decoder_only(), seed=0)
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(2, 6\)"):
+        decoder_only.logits(ENC, segment_ids=np.ones((2, 5), np.int64))
+    with pytest.raises(ValueError, match="position_ids and segment_ids are for decoder-only models"):
+        models.init(tiny_encoder_decoder(), seed=0).logits(ENC, DEC, segment_ids=np.ones((2, 4), np.int64))

@@ -97,9 +97,10 @@ def test_exp_f32_accuracy_and_special_values():
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), n_kv=st.integers(1, 3), n_rep=st.sampled_from([1, 2]),
        tq=st.integers(1, 150), extra_keys=st.integers(0, 90), d=st.sampled_from([1, 7, 16, 64, 80]),
        causal=st.booleans(), interleaved=st.booleans(), fill=st.sampled_from(["finite_min", "-inf"]),
-       masked=st.booleans(), cross=st.booleans(), rows_kernel=st.booleans(), dtype=st.sampled_from(DTYPES))
+       masked=st.booleans(), cross=st.booleans(), rows_kernel=st.booleans(), segmented=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
 def test_attention_matches_reference(seed, batch, n_kv, n_rep, tq, extra_keys, d, causal, interleaved, fill,
-                                     masked, cross, rows_kernel, dtype):
+                                     masked, cross, rows_kernel, segmented, dtype):
     rng = _rng(seed)
     tk = tq + extra_keys
     q = rng.uniform(-1, 1, (batch, n_kv * n_rep, tq, d)).astype(dtype)
@@ -111,8 +112,10 @@ def test_attention_matches_reference(seed, batch, n_kv, n_rep, tq, extra_keys, d
         if batch > 1:
             key_mask[1] = False  # fully masked rows: uniform average (finite_min) or zeros (-inf)
     q_start = 0 if cross or not causal else tk - tq
+    # segment ids in {0, 1, 2}, not contiguous: the definition is equality, whatever the layout
+    segment_ids = rng.integers(0, 3, (batch, tk)) if segmented and not cross else None
     kwargs = dict(key_mask=key_mask, causal=causal and not cross, q_start=q_start, interleaved=interleaved,
-                  mask_fill=fill)
+                  mask_fill=fill, segment_ids=segment_ids)
     # rows_kernel: every query count through the decode kernel, else only Tq < 8 (blocked kernel otherwise)
     saved = numba_backend.ROWS_KERNEL_MAX_QUERIES
     numba_backend.ROWS_KERNEL_MAX_QUERIES = 1 << 30 if rows_kernel else saved

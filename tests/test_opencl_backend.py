@@ -153,21 +153,24 @@ attention_cases = given(
     b=st.integers(1, 2), hkv=st.integers(1, 3), n_rep=st.integers(1, 3), tq=st.integers(1, 40),
     tk=st.integers(1, 45), d=st.sampled_from([8, 16]), causal=st.booleans(), q_start=st.integers(0, 6),
     masked=st.booleans(), interleaved=st.booleans(), fill=st.sampled_from(["finite_min", "-inf"]),
-    dtype=st.sampled_from(DTYPES))
+    segmented=st.booleans(), dtype=st.sampled_from(DTYPES))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @settings(max_examples=8, deadline=None, derandomize=True)
 @attention_cases
 def test_attention_matches_reference(kernel, b, hkv, n_rep, tq, tk, d, causal, q_start, masked,
-                                     interleaved, fill, dtype):
+                                     interleaved, fill, segmented, dtype):
     rng = np.random.default_rng(tq * 1000 + tk * 10 + d)
     q = rand(rng, (b, hkv * n_rep, tq, d), dtype)
     k, v = rand(rng, (b, hkv, tk, d), dtype), rand(rng, (b, hkv, tk, d), dtype)
     key_mask = rng.random((b, tk)) > 0.3 if masked else None
     if masked:
         key_mask[0] = False  # a fully masked row: uniform average (finite_min) or zeros (-inf)
-    kwargs = dict(key_mask=key_mask, causal=causal, q_start=q_start, interleaved=interleaved, mask_fill=fill)
+    # segment ids in {0, 1, 2} (equality is the definition, contiguous or not); self-attention only
+    segment_ids = rng.integers(0, 3, (b, tk)) if segmented and q_start + tq <= tk else None
+    kwargs = dict(key_mask=key_mask, causal=causal, q_start=q_start, interleaved=interleaved, mask_fill=fill,
+                  segment_ids=segment_ids)
     ref = ops.attention(*f64(q, k, v), **kwargs)
     with forced(kernel):
         close(run(OCL.attention, q, k, v, **kwargs), ref, dtype)

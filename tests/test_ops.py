@@ -115,3 +115,35 @@ def test_attention_causal_with_offset():
     out = ops.attention(q, k, v, causal=True, q_start=1)
     np.testing.assert_allclose(out.ravel(), [1.5], rtol=1e-15)
 
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("lengths,pad", [([1], 0), ([3, 5], 2), ([4, 1, 6, 2], 3), ([9], 1)])
+def test_attention_segments_equal_each_sequence_alone(lengths, pad, interleaved):
+    """Packed rows: with segment_ids (and causal) every token's output is that of its sequence run alone."""
+    rng = np.random.default_rng(sum(lengths) * 31 + pad)
+    t = sum(lengths) + pad
+    q, k, v = rng.standard_normal((1, 4, t, 8)), rng.standard_normal((1, 2, t, 8)), rng.standard_normal((1, 2, t, 8))
+    segment_ids = np.array([[s + 1 for s, n in enumerate(lengths) for _ in range(n)] + [0] * pad])
+    packed = ops.attention(q, k, v, key_mask=segment_ids > 0, causal=True, interleaved=interleaved,
+                           segment_ids=segment_ids)
+    start = 0
+    for n in lengths:
+        span = slice(start, start + n)
+        alone = ops.attention(q[:, :, span], k[:, :, span], v[:, :, span], causal=True, interleaved=interleaved)
+        np.testing.assert_allclose(packed[:, :, span], alone, rtol=1e-13, atol=1e-14)
+        start += n
+    if len(lengths) > 1:  # the segments matter: plain causal attention sees the earlier sequences
+        plain = ops.attention(q, k, v, key_mask=segment_ids > 0, causal=True, interleaved=interleaved)
+        assert np.abs(plain - packed)[:, :, lengths[0]:sum(lengths)].max() > 1e-3
+
+
+def test_attention_segment_ids_errors_name_the_argument():
+    q = np.zeros((1, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(1, 3\), got float64"):
+        ops.attention(q, q, q, segment_ids=np.zeros((1, 3)))
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(1, 3\), got int64 \(1, 4\)"):
+        ops.attention(q, q, q, segment_ids=np.zeros((1, 4), np.int64))
+    k = np.zeros((1, 2, 4, 4))
+    with pytest.raises(ValueError, match="segment_ids need self-attention"):
+        ops.attention(q, k, k, q_start=2, segment_ids=np.zeros((1, 4), np.int64))

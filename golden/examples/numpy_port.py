@@ -30,7 +30,7 @@ def swiglu(gate, up):
     return gate / (1 + np.exp(-gate)) * up
 
 
-def attention(q, k, v, key_mask, causal, q_start, interleaved, mask_fill):
+def attention(q, k, v, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
     """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = ((np.repeat(a, n_rep, axis=1) if interleaved else np.tile(a, (1, n_rep, 1, 1))) for a in (k, v))
@@ -39,6 +39,8 @@ def attention(q, k, v, key_mask, causal, q_start, interleaved, mask_fill):
         allowed &= key_mask.astype(bool)[:, None, None, :]
     if causal:
         allowed &= np.arange(k.shape[2])[None, :] <= q_start + np.arange(q.shape[2])[:, None]
+    if segment_ids is not None:  # query i (the token at q_start + i) sees keys of its own segment only
+        allowed &= segment_ids[:, None, q_start:q_start + q.shape[2], None] == segment_ids[:, None, None, :]
     fill = np.finfo(q.dtype).min if mask_fill == "finite_min" else -np.inf
     scores = np.where(allowed, q @ k.transpose(0, 1, 3, 2), fill) / q.dtype.type(math.sqrt(q.shape[-1]))
     any_key = allowed.any(axis=-1, keepdims=True)
@@ -59,7 +61,8 @@ def run(case: dict, t: dict) -> dict | None:
         return {"output.y": swiglu(t["input.gate"], t["input.up"])}
     if a.get("op") == "attention":
         return {"output.y": attention(t["input.q"], t["input.k"], t["input.v"], t.get("input.key_mask"),
-                                      a["causal"], a["q_start"], a["interleaved"], a["mask_fill"])}
+                                      a["causal"], a["q_start"], a["interleaved"], a["mask_fill"],
+                                      t.get("input.segment_ids"))}
     return None
 
 

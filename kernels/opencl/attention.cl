@@ -2,7 +2,8 @@
  *   s_ij = (q_i . k_j, or FILL where masked) / sqrt(D); out_i = softmax_j(s_ij) @ V.
  * FILL is the dtype's most negative finite value (MASK_FILL_FINITE: a fully masked row averages all
  * values) or -inf (a fully masked row is zeros). A key j is allowed for query i when key_mask[b, j]
- * (if given) and, if causal, j <= q_start + i. GQA: query head h reads kv head h / n_rep
+ * (if given), if causal j <= q_start + i, and if segments are given segments[b, j] ==
+ * segments[b, q_start + i] (packed rows: block-diagonal attention). GQA: query head h reads kv head h / n_rep
  * (interleaved) or h % Hkv (block order).
  *
  * q, k, v and out are strided views [B, H, T, D] (element offset and strides of b, h, t; d contiguous):
@@ -25,10 +26,13 @@ inline int kv_head(int h, int Hkv, int n_rep, int interleaved) {
     return interleaved ? h / n_rep : h % Hkv;
 }
 
-inline int key_allowed(int b, int i, int j, int Tk, int causal, int q_start, int has_mask,
-                       __global const uchar *key_mask) {
+#define MASK_ARGS const int has_mask, __global const uchar *key_mask, const int has_segments, \
+                  __global const int *segments
+
+inline int key_allowed(int b, int i, int j, int Tk, int causal, int q_start, MASK_ARGS) {
     if (has_mask && !key_mask[(long)b * Tk + j]) return 0;
     if (causal && j > q_start + i) return 0;
+    if (has_segments && segments[(long)b * Tk + j] != segments[(long)b * Tk + q_start + i]) return 0;
     return 1;
 }
 
@@ -37,9 +41,8 @@ inline int key_allowed(int b, int i, int j, int Tk, int causal, int q_start, int
  * BK with an online (running max / running sum) softmax. Global (ceil(Tq/BQ)*BQ, B*Hq). */
 __kernel __attribute__((reqd_work_group_size(BQ, 1, 1)))
 void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
-                     const int interleaved, const int causal, const int q_start, const int has_mask,
-                     __global const uchar *key_mask, VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v),
-                     OUT_ARGS(out)) {
+                     const int interleaved, const int causal, const int q_start, MASK_ARGS,
+                     VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v), OUT_ARGS(out)) {
     __local REAL Ks[BK][HEAD_DIM];
     __local REAL Vs[BK][HEAD_DIM];
     const int lid = get_local_id(0);
@@ -72,7 +75,7 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
             REAL mb = -INFINITY;
             for (int jj = 0; jj < nb; jj++) {
                 REAL dot = 0;
-                if (key_allowed(b, i, j0 + jj, Tk, causal, q_start, has_mask, key_mask)) {
+                if (key_allowed(b, i, j0 + jj, Tk, causal, q_start, has_mask, key_mask, has_segments, segments)) {
                     for (int d = 0; d < HEAD_DIM; d++) dot = fma(qr[d], Ks[jj][d], dot);
                 } else {
                     dot = FILL;
@@ -108,9 +111,8 @@ void flash_attention(const int Hq, const int Hkv, const int Tq, const int Tk, co
  * sum of V with work-items spread over D and key subsets. Global (WG * B*Hq*Tq). */
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
 void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, const int n_rep,
-                   const int interleaved, const int causal, const int q_start, const int has_mask,
-                   __global const uchar *key_mask, VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v), OUT_ARGS(out),
-                   __global REAL *scores) {
+                   const int interleaved, const int causal, const int q_start, MASK_ARGS,
+                   VIEW_ARGS(q), VIEW_ARGS(k), VIEW_ARGS(v), OUT_ARGS(out), __global REAL *scores) {
     __local REAL qs[HEAD_DIM];
     __local REAL scratch[WG];
     const int lid = get_local_id(0);
@@ -130,7 +132,7 @@ void row_attention(const int Hq, const int Hkv, const int Tq, const int Tk, cons
     REAL m = -INFINITY;
     for (int j = lid; j < Tk; j += WG) {
         REAL dot = 0;
-        if (key_allowed(b, i, j, Tk, causal, q_start, has_mask, key_mask)) {
+        if (key_allowed(b, i, j, Tk, causal, q_start, has_mask, key_mask, has_segments, segments)) {
             __global const REAL *kr = k + kbase + (long)j * k_st;
             for (int d = 0; d < HEAD_DIM; d++) dot = fma(qs[d], kr[d], dot);
         } else {

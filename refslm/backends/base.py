@@ -85,10 +85,11 @@ class Backend:
         raise NotImplementedError
 
     def attention(self, q: Array, k: Array, v: Array, *, key_mask: np.ndarray | None, causal: bool,
-                  q_start: int, interleaved: bool, mask_fill: str) -> Array:
-        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] bool host or None -> [B, Hq, Tq, D].
+                  q_start: int, interleaved: bool, mask_fill: str, segment_ids: np.ndarray | None = None) -> Array:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] bool host or None, segment_ids [B, Tk]
+        int host or None -> [B, Hq, Tq, D].
 
-        See ops.attention for the exact semantics (mask, scale, GQA order, fully masked rows).
+        See ops.attention for the exact semantics (mask, segments, scale, GQA order, fully masked rows).
         """
         raise NotImplementedError
 

@@ -91,11 +91,13 @@ def _accumulate_values(pt, vb, o, rescale, nq, nk):
 
 
 @njit(cache=True, error_model="numpy")
-def _mask_block(st, block_max, nk, j0, key_mask, b, causal, last_key):
+def _mask_block(st, block_max, nk, j0, key_mask, segments, query_segment, b, causal, last_key):
     """Set the scores of keys a query may not see to -inf and recompute block_max over what is left.
 
     st [KEY_BLOCK, QUERY_TILE] scaled scores of keys j0..j0+nk-1; last_key[i] is the last key query
-    i may see (causal); key_mask [B, Tk] uint8 marks real keys (shape [0, 0] when absent).
+    i may see (causal); key_mask [B, Tk] uint8 marks real keys; segments [B, Tk] int32 and
+    query_segment[i] the segment of query i (keys of other segments are hidden). Absent masks have
+    shape [0, 0].
     """
     neg_inf = st.dtype.type(-np.inf)
     block_max[:] = neg_inf
@@ -104,7 +106,8 @@ def _mask_block(st, block_max, nk, j0, key_mask, b, causal, last_key):
         real = key_mask.shape[1] == 0 or key_mask[b, key] != 0
         srow = st[j]
         for i in range(LANES):
-            visible = real and (not causal or key <= last_key[i])
+            visible = (real and (not causal or key <= last_key[i])
+                       and (segments.shape[1] == 0 or segments[b, key] == query_segment[i]))
             srow[i] = srow[i] if visible else neg_inf
             block_max[i] = max(block_max[i], srow[i])
 
@@ -145,8 +148,9 @@ def _task_order(n_tiles, causal):
 
 
 @ParallelKernel
-def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_when_empty, out):
-    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] uint8 or [0, 0] -> out [B, Hq, Tq, D].
+def attention_kernel(q, k, v, key_mask, segments, causal, q_start, interleaved, uniform_when_empty, out):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] uint8 or [0, 0], segments [B, Tk] int32
+    or [0, 0] (query i is the token at time q_start + i) -> out [B, Hq, Tq, D].
 
     GQA: query head h reads kv head h // (Hq / Hkv) (interleaved) or h % Hkv. Rows with no allowed
     key: mean of all values (uniform_when_empty) or zeros.
@@ -175,9 +179,13 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
         rescale = np.empty(QUERY_TILE, q.dtype)
         block_max = np.empty(QUERY_TILE, q.dtype)
         last_key = np.arange(QUERY_TILE) + (q_start + i0)
+        query_segment = np.zeros(QUERY_TILE, np.int32)
         for i in range(nq):
             for c in range(d):
                 qt[c, i] = q[b, h, i0 + i, c]
+            if segments.shape[1] != 0:
+                query_segment[i] = segments[b, q_start + i0 + i]
+        some_hidden = key_mask.shape[1] != 0 or segments.shape[1] != 0
         key_end = min(tk, q_start + i0 + nq) if causal else tk
         for j0 in range(0, key_end, KEY_BLOCK):
             nk = min(KEY_BLOCK, key_end - j0)
@@ -186,8 +194,8 @@ def attention_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_wh
                     kb[j, c] = k[b, kvh, j0 + j, c]
                     vb[c // LANES, j, c % LANES] = v[b, kvh, j0 + j, c]
             _scores_block(kb, qt, st, block_max, nk, dp, sqrt_d)
-            if key_mask.shape[1] != 0 or (causal and j0 + nk - 1 > last_key[0]):  # some key hidden from some query
-                _mask_block(st, block_max, nk, j0, key_mask, b, causal, last_key)
+            if some_hidden or (causal and j0 + nk - 1 > last_key[0]):  # some key hidden from some query
+                _mask_block(st, block_max, nk, j0, key_mask, segments, query_segment, b, causal, last_key)
             _online_softmax_block(st, block_max, row_max, row_sum, rescale, nk)
             for chunk in range(n_chunks):
                 _accumulate_values(st, vb[chunk], o[chunk], rescale, nq, nk)
@@ -211,7 +219,7 @@ def _dot(a, b):
 
 
 @ParallelKernel
-def attention_rows_kernel(q, k, v, key_mask, causal, q_start, interleaved, uniform_when_empty, out):
+def attention_rows_kernel(q, k, v, key_mask, segments, causal, q_start, interleaved, uniform_when_empty, out):
     """attention_kernel's contract for few queries (decode): one query row at a time, scores over all
     keys in an O(Tk) buffer, no copies of K and V (the KV cache is read in place, once per query)."""
     n_batch, n_q_heads, tq, d = q.shape
@@ -226,7 +234,8 @@ def attention_rows_kernel(q, k, v, key_mask, causal, q_start, interleaved, unifo
         scores = np.empty(max(visible, 1), q.dtype)
         query = q[b, h, i]
         for j in range(visible):
-            real = key_mask.shape[1] == 0 or key_mask[b, j] != 0
+            real = ((key_mask.shape[1] == 0 or key_mask[b, j] != 0)
+                    and (segments.shape[1] == 0 or segments[b, j] == segments[b, q_start + i]))
             scores[j] = _dot(query, k[b, kvh, j]) / sqrt_d if real else -np.inf
         top = row_max(scores, visible)
         acc = np.zeros(d, q.dtype)

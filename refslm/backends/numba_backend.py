@@ -30,6 +30,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 _NO_KEY_MASK = np.zeros((0, 0), dtype=np.uint8)
+_NO_SEGMENTS = np.zeros((0, 0), dtype=np.int32)
 ROWS_KERNEL_MAX_QUERIES = 8  # fewer queries than this (decode steps) go to the row-at-a-time attention kernel
 
 
@@ -94,14 +95,15 @@ class NumbaBackend(NumpyBackend):
         rope_kernel(x.size, x, c, s, layout == "interleaved", out)
         return out
 
-    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]; one fused kernel, see ops.attention."""
         _check_attention(q, k, v, key_mask, mask_fill)
         mask = _NO_KEY_MASK if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
+        segments = ops.check_segment_ids(segment_ids, q.shape[0], q.shape[2], k.shape[2], q_start)
         out = np.empty(q.shape, q.dtype)
         kernel = attention_rows_kernel if q.shape[2] < ROWS_KERNEL_MAX_QUERIES else attention_kernel
-        kernel(q.size * k.shape[2], q, k, v, mask, bool(causal), int(q_start), bool(interleaved),
-               mask_fill == "finite_min", out)
+        kernel(q.size * k.shape[2], q, k, v, mask, _NO_SEGMENTS if segments is None else segments, bool(causal),
+               int(q_start), bool(interleaved), mask_fill == "finite_min", out)
         return out
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,

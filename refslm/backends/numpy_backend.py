@@ -57,9 +57,9 @@ class NumpyBackend(Backend):
     def rope(self, x, cos, sin, layout):
         return ops.apply_rope(x, cos, sin, layout)
 
-    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         return ops.attention(q, k, v, key_mask=key_mask, causal=causal, q_start=q_start,
-                             interleaved=interleaved, mask_fill=mask_fill)
+                             interleaved=interleaved, mask_fill=mask_fill, segment_ids=segment_ids)
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta,
                   label_smoothing, grad_out=None):

@@ -578,7 +578,7 @@ class OpenCLBackend(Backend):
             raise ValueError(f"expected a [B, H, T, D] array with a contiguous last axis, got {a!r}")
         return (a.data, np.int64(a.offset), *(np.int64(s) for s in a.strides[:3]))
 
-    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         dtype = self._check_dtype(q, k, v)
         if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
             raise ValueError(f"attention needs q [B, Hq, Tq, D] and k = v [B, Hkv, Tk, D], got q {q.shape}, "
@@ -598,11 +598,14 @@ class OpenCLBackend(Backend):
             return out
         if tk == 0:
             raise ValueError("attention needs at least one key (Tk >= 1)")
+        segments = ops.check_segment_ids(segment_ids, b, tq, tk, q_start)
         mask = self.upload((key_mask if key_mask is not None else np.ones((1, 1), bool)).astype(np.uint8))
+        segment_data = self.upload(segments if segments is not None else np.zeros((1, 1), np.int32))
         fill = {"MASK_FILL_FINITE": 1} if mask_fill == "finite_min" else {}
         args = (np.int32(hq), np.int32(hkv), np.int32(tq), np.int32(tk), np.int32(hq // hkv),
                 np.int32(bool(interleaved)), np.int32(bool(causal)), np.int32(q_start),
-                np.int32(key_mask is not None), mask.data, *self._bhtd_args(q), *self._bhtd_args(k),
+                np.int32(key_mask is not None), mask.data, np.int32(segments is not None), segment_data.data,
+                *self._bhtd_args(q), *self._bhtd_args(k),
                 *self._bhtd_args(v), *self._bhtd_args(out))
         if tq <= self.row_attention_max_tq:
             wg = self.group_size

@@ -62,13 +62,13 @@ class CountingBackend(Backend):
         self.counts[self._component(weight.shape)] += gemm(rows, out_features, in_features)
         return self.inner.linear(x, weight, bias, residual)
 
-    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill):
+    def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; counts 2*B*Hq*Tq*Tk*D for scores and for values."""
         b, hq, tq, d = q.shape
         tk = k.shape[2]
         self.counts["attention"] += gemm(b * hq * tq, tk, d) + gemm(b * hq * tq, v.shape[3], tk)
         return self.inner.attention(q, k, v, key_mask=key_mask, causal=causal, q_start=q_start,
-                                    interleaved=interleaved, mask_fill=mask_fill)
+                                    interleaved=interleaved, mask_fill=mask_fill, segment_ids=segment_ids)
 
 
 def _delegate(name: str):
