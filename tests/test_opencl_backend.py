@@ -350,3 +350,13 @@ def test_decode_step_launch_count(make):
     before = OCL.launches
     decoder.step(np.array([5]))
     assert OCL.launches - before == 3 + per_block * len(model.weights.blocks)
+
+
+def test_kernel_seconds_profiles_the_kernels_of_a_call():
+    x, w = OCL.asarray(np.ones((64, 256), np.float32)), OCL.asarray(np.ones((128, 256), np.float32))
+    before = OCL.launches
+    wall, busy = OCL.kernel_seconds(lambda: [OCL.linear(x, w) for _ in range(3)])
+    assert OCL.launches - before == 3
+    assert 0 < busy <= wall  # an in-order queue: kernel times never overlap and fit in the wall time
+    assert OCL._recorded is None  # events are kept only while measuring
+    assert OCL.kernel_seconds(lambda: None)[1] == 0  # nothing enqueued, no device time

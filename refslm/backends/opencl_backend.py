@@ -23,8 +23,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,7 +246,8 @@ class OpenCLBackend(Backend):
         self.platform, self.device, self.context = select_device(device)
         self.device_name = describe(self.platform, self.device)
         try:
-            self.queue = cl.CommandQueue(self.context)
+            # profiling on: kernel_seconds reads each kernel's device start/end times
+            self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         except cl.Error as exc:
             raise BackendUnavailable(f"cannot open OpenCL device {self.device_name}: {exc}") from exc
         self.allocator = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
@@ -268,6 +271,7 @@ class OpenCLBackend(Backend):
         self._kernels: dict[tuple, cl.Kernel] = {}
         self._typed_kernels: set[int] = set()  # ids of the kernels whose scalar types pyopencl knows
         self.launches = 0  # kernels enqueued so far (bench model reports launches per decode step)
+        self._recorded: list[cl.Event] | None = None  # kernel events kept while kernel_seconds runs
         self._uploads: OrderedDict[tuple, DeviceArray] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -331,7 +335,26 @@ class OpenCLBackend(Backend):
             kernel.set_scalar_arg_dtypes(kinds)
             self._typed_kernels.add(id(kernel))
         self.launches += 1
-        kernel(self.queue, global_size, local_size, *args)
+        event = kernel(self.queue, global_size, local_size, *args)
+        if self._recorded is not None:
+            self._recorded.append(event)
+
+    def kernel_seconds(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """Run fn() to completion -> (wall seconds, seconds the device spent running the kernels fn
+        enqueued: the sum of their profiled start-to-end times). The queue is in order, so kernels never
+        overlap: busy / wall is the share of the time the device computed, and the rest went to the
+        host (Python, pyopencl, the driver's enqueue) and transfers."""
+        self.queue.finish()
+        self._recorded = []
+        try:
+            start = time.perf_counter()
+            fn()
+            self.queue.finish()
+            wall = time.perf_counter() - start
+            busy = sum(e.profile.end - e.profile.start for e in self._recorded) * 1e-9
+        finally:
+            self._recorded = None
+        return wall, busy
 
     def _elementwise_size(self, total: int) -> tuple[tuple[int], tuple[int]]:
         g = self.group_size

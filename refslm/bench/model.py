@@ -9,7 +9,9 @@ Each backend is reported against the machine ceilings of ../shared/reference/anc
 `--gflops` GFLOP/s of float32 GEMM on this machine class for the prefill FLOPs of refslm.flops;
 bandwidth: `--bandwidth` GB/s for the weights and caches one decode step reads) and against the first
 backend of the run. Backends that count their kernel launches (opencl) also report launches per
-decode step and the decode time per launch, which shows when decoding is bound by launch cost.
+decode step, the decode time per launch and, from profiled kernel times over one more decode pass,
+the share of the decode time the device spends running kernels: a low share means decoding is bound
+by the host (launch cost), not by the device.
 The load average is printed, since other work on the machine slows every figure.
 """
 
@@ -49,7 +51,7 @@ def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, f
     from ..generate import CachedDecoder
 
     first = time_call(lambda: CachedDecoder(model, ids, new_tokens), repeat=repeat, warmup=1)["median_s"]
-    decoder = CachedDecoder(model, ids, new_tokens * (repeat + 1))
+    decoder = CachedDecoder(model, ids, new_tokens * (repeat + 2))
     token = np.full(ids.shape[0], 5, dtype=np.int64)
 
     def decode() -> None:
@@ -61,6 +63,9 @@ def measure(model, ids: np.ndarray, new_tokens: int, repeat: int) -> dict[str, f
     result = {"first_token_s": first, "decode_s": decode_s, "decode_tok_s": ids.shape[0] * new_tokens / decode_s}
     if launches is not None:
         result["launches_per_step"] = (model.backend.launches - launches) / ((repeat + 1) * new_tokens)
+    if hasattr(model.backend, "kernel_seconds"):  # opencl: how much of a decode step the device computes
+        wall, busy = model.backend.kernel_seconds(decode)
+        result["kernel_busy_fraction"] = busy / wall
     return result
 
 
@@ -146,5 +151,8 @@ def run(args) -> int:
         if "launches_per_step" in r:
             print(f"{r['backend']}: {r['launches_per_step']:.0f} kernel launches per decode step, "
                   f"{r['decode_s'] / args.new_tokens / r['launches_per_step'] * 1e6:.1f} us of decode time per launch")
+        if "kernel_busy_fraction" in r:
+            print(f"{r['backend']}: the device runs kernels {100 * r['kernel_busy_fraction']:.0f}% of the decode "
+                  "time (profiled kernel times; the rest is host work and transfers)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
