@@ -21,27 +21,29 @@ def test_peak_extra_bytes_sees_a_numpy_allocation():
     assert peak_extra_bytes(lambda: kept.sum()) < nbytes // 8
 
 
-def test_time_call_reports_median_min_max():
+def test_time_call_reports_median_min_max(monkeypatch):
+    clock = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])  # three timed calls of 3, 1 and 2 s
+    monkeypatch.setattr("refslm.bench.time.perf_counter", lambda: next(clock))
     calls = []
     stats = time_call(lambda: calls.append(1), repeat=3, warmup=2)
-    assert len(calls) == 5
-    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    assert len(calls) == 5  # warm-up calls are not timed
+    assert stats == {"median_s": 2.0, "min_s": 1.0, "max_s": 3.0}
 
 
 BACKENDS = [b for b in ("numpy", "numba") if b in available_backends()]
 
 
-@pytest.mark.parametrize("argv", [
-    ["loss", "--rows", "16", "--vocab", "40", "--repeat", "1", "--no-torch"],
-    ["attention", "--tokens", "24", "--heads", "2", "--head-dim", "8", "--repeat", "1"],
-    ["gemm", "--sizes", "32", "--gemv", "64,32", "--repeat", "1"],
-    ["model", "--preset", "tiny", "--input-len", "8", "--new-tokens", "2", "--repeat", "1"],
+@pytest.mark.parametrize("argv,row", [  # row: a result line of backend {name}, with a number after it
+    (["loss", "--rows", "16", "--vocab", "40", "--repeat", "1", "--no-torch"], r"^{name} direct +\d"),
+    (["attention", "--tokens", "24", "--heads", "2", "--head-dim", "8", "--repeat", "1"], r"^causal +{name} +\d"),
+    (["gemm", "--sizes", "32", "--gemv", "64,32", "--repeat", "1"], r"^ *gemm n=32 +{name} +\d"),
+    (["model", "--preset", "tiny", "--input-len", "8", "--new-tokens", "2", "--repeat", "1"], r"^{name} +\d"),
 ])
-def test_bench_suite_runs_and_reports_each_backend(argv, capsys):
+def test_bench_suite_runs_and_reports_each_backend(argv, row, capsys):
     assert main(["bench", *argv, "--backend", *BACKENDS]) == 0
     out = capsys.readouterr().out
     for name in BACKENDS:
-        assert name in out, f"bench {argv[0]} printed no row for backend {name}"
+        assert re.search(row.format(name=name), out, re.MULTILINE), f"bench {argv[0]} printed no row for {name}"
 
 
 def test_bench_unknown_suite_is_an_argparse_error(capsys):

@@ -105,15 +105,20 @@ def test_eos_finishes_rows():
     assert (out[0, 2:] == eos).all()
 
 
-def test_generation_stops_when_every_row_is_finished():
+def test_generation_stops_when_every_row_is_finished(monkeypatch):
+    """Once every row has emitted EOS no further decode step runs; the rest of the output is EOS."""
     model = models.init(CONFIGS["mu"], seed=6, dtype="float64")
-    first = model.generate(PROMPT, 1, greedy=True)
-    row0_eos = int(first[0, 0])
-    if first[1, 0] == row0_eos:
-        out = model.generate(PROMPT, 4, greedy=True, eos_token_id=row0_eos)
-        np.testing.assert_array_equal(out, np.full((2, 4), row0_eos))
-    single = model.generate(PROMPT[:1], 4, greedy=True, eos_token_id=row0_eos)
-    np.testing.assert_array_equal(single, np.full((1, 4), row0_eos))
+    steps = []
+    real_step = generate.CachedDecoder.step
+    monkeypatch.setattr(generate.CachedDecoder, "step", lambda self, t: (steps.append(t), real_step(self, t))[1])
+    free = model.generate(PROMPT, 6, seed=9, top_k=3)
+    assert len(steps) == 5  # without EOS: a step after every token but the last
+    eos = int(free[1, 2])  # row 1 emits it at step 2, row 0 earlier (the fixture checks it)
+    assert np.flatnonzero(free[0] == eos)[:1].tolist() == [1] and eos not in free[1, :2]
+    steps.clear()
+    out = model.generate(PROMPT, 6, seed=9, top_k=3, eos_token_id=eos)
+    assert len(steps) == 2  # steps fed after tokens 0 and 1; after token 2 every row is done
+    np.testing.assert_array_equal(out, [[free[0, 0], *[eos] * 5], [*free[1, :2], *[eos] * 4]])
 
 
 # ---------------------------------------------------------------- sampling

@@ -124,21 +124,30 @@ def test_decoder_only_left_padding_with_positions_matches_unpadded():
 
 
 def test_decoder_self_attention_masks_pad_keys():
+    """A pad in the decoder input is no key: rewriting the pad's embedding row changes the pad's own
+    position, and at every other position only logit column 0 (the pad's row of the tied head)."""
     model = models.init(tiny_encoder_decoder(), seed=6, dtype="float64")
-    dec = np.array([[1, 20, 0, 22]])
-    dec_other = np.array([[1, 20, 0, 25]])
-    # the pad at t=2 is masked as a key: token 3 sees keys {0, 1, 3}; changing token 3 changes only t=3
-    out, other = run(model, ENC[:1], dec), run(model, ENC[:1], dec_other)
-    np.testing.assert_array_equal(out[0, :3], other[0, :3])
-    # replacing the masked pad's key by another pad at a different place leaves real rows as the math says
-    assert rel_err(out[0, 3], other[0, 3]) > 1e-6
+    params = dict(model.params)
+    params["transformer.wte.weight"] = params["transformer.wte.weight"].copy()
+    params["transformer.wte.weight"][0] = np.random.default_rng(0).normal(size=model.config.n_embd)
+    other = models.from_params(model.config, params, dtype="float64")
+    enc, dec = ENC[1:], np.array([[1, 20, 0, 22]])  # no pad in the encoder input; a pad key at t=2
+    out, changed = run(model, enc, dec), run(other, enc, dec)
+    np.testing.assert_array_equal(out[0, [0, 1, 3], 1:], changed[0, [0, 1, 3], 1:])  # t=3 does not see it
+    assert rel_err(changed[0, 2, 1:], out[0, 2, 1:]) > 1e-3  # the pad's own query row is its embedding
 
 
-def test_centred_encoder_positions_equal_uncentred_up_to_rounding():
+def test_centred_encoder_positions_equal_uncentred_up_to_rounding(monkeypatch):
     model = models.init(tiny_encoder_decoder(), seed=7, dtype="float64")
+    seen = []
+    real_rope = model.rope
+    monkeypatch.setattr(model, "rope", lambda positions, seq_len: (seen.append(positions), real_rope(positions,
+                                                                                                    seq_len))[1])
     centred, uncentred = run(model), run(model, centred_positions=False)
-    assert rel_err(centred, uncentred) < 1e-12
-    assert not np.array_equal(centred, uncentred)  # different rounding: the option is really used
+    assert rel_err(centred, uncentred) < 1e-12  # RoPE scores depend on position differences only
+    te = ENC.shape[1]
+    np.testing.assert_array_equal(seen[0], np.arange(te) - (te - 1) // 2)  # encoder, centred (public Mu)
+    np.testing.assert_array_equal(seen[2], np.arange(te))  # encoder, centred_positions=False
 
 
 def gqa_permuted_params(cfg, params, prefix_q, prefix_o):
