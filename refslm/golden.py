@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
+from .backends import BackendUnavailable
 from .resources import golden_dir
 from .safetensors_io import read_safetensors
 
@@ -80,15 +82,17 @@ def load_manifest(directory: str | Path | None = None) -> list[GoldenCase]:
     root = Path(directory) if directory is not None else golden_dir()
     path = root / "manifest.json"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GoldenError(f"no golden manifest at {path}") from None
-    except json.JSONDecodeError as exc:
-        raise GoldenError(f"{path} is not valid JSON: {exc}") from None
-    if data.get("format_version") != 1 or not isinstance(data.get("cases"), list):
-        raise GoldenError(f"{path}: expected format_version 1 and a 'cases' list")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # a directory, not UTF-8, not JSON
+        raise GoldenError(f"{path} is not a readable JSON file: {exc}") from None
+    if not isinstance(data, dict) or data.get("format_version") != 1 or not isinstance(data.get("cases"), list):
+        raise GoldenError(f"{path}: expected an object with format_version 1 and a 'cases' list")
     cases = []
     for entry in data["cases"]:
+        if not isinstance(entry, dict):
+            raise GoldenError(f"{path}: every entry of 'cases' must be an object, got {entry!r}")
         try:
             cases.append(GoldenCase(
                 name=entry["name"], kind=entry["kind"], description=entry["description"], path=root / entry["file"],
@@ -594,8 +598,8 @@ def verify_command(args) -> int:
             if unknown:
                 raise GoldenError(f"--backend must be among {list(backend_names())}, got {unknown}")
             results = verify_backends(cases, names, [args.dtype] if args.dtype else DTYPES)
-    except GoldenError as exc:
-        print(f"refslm verify: error: {exc}")
+    except (GoldenError, BackendUnavailable) as exc:  # BackendUnavailable: e.g. no such OpenCL device
+        print(f"refslm verify: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"results": [_json_row(r) for r in results], "summary": summary(results)}, indent=1))
@@ -626,8 +630,8 @@ def golden_command(args) -> int:
     try:
         cases = select(load_manifest(args.golden), args.case)
         root = export(cases, args.directory, args.format)
-    except GoldenError as exc:
-        print(f"refslm golden export: error: {exc}")
+    except (GoldenError, OSError) as exc:  # OSError: DIR cannot be created or written
+        print(f"refslm golden export: error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {len(cases)} cases as {args.format} to {root}")
     return 0

@@ -59,6 +59,8 @@ def test_manifest_is_complete_and_files_match_hashes():
             tol = c.tolerances[output]
             if not tol.get("exact"):
                 assert tol["float64"]["rtol"] <= 1e-11, (c.name, output)  # float64 stays near 1e-12 relative
+                scale = np.abs(tensors[output]).max()
+                assert tol["float64"]["atol"] <= 5e-12 * max(scale, 1.0), (c.name, output)  # and near 1e-12 of it
                 assert tol["float32"]["rtol"] >= tol["float64"]["rtol"]
         total += c.path.stat().st_size
     assert total < 20e6
@@ -233,6 +235,7 @@ def test_cli_json_and_exit_status(capsys):
     assert report["summary"]["ok"] and report["summary"]["checks"] == 2
     assert {r["dtype"] for r in report["results"]} == {"float32"}
     assert main(["verify", "--case", "no_such_case"]) == 2
+    assert "no golden case matches ['no_such_case']" in capsys.readouterr().err
 
 
 def test_verifier_imports_no_torch():
@@ -265,3 +268,26 @@ def test_regenerating_gives_identical_files(tmp_path):
     assert (tmp_path / "manifest.json").read_bytes() == (golden_dir() / "manifest.json").read_bytes()
     for c in CASES:
         assert (tmp_path / "cases" / c.path.name).read_bytes() == c.path.read_bytes(), c.name
+
+
+@pytest.mark.parametrize("manifest,message", [
+    (b"[1]", "expected an object with format_version 1"),
+    (b'{"format_version": 1, "cases": [3]}', "every entry of 'cases' must be an object, got 3"),
+    (b"\xff\xfe", "is not a readable JSON file"),
+])
+def test_cli_bad_manifest_is_exit_2_with_the_reason(tmp_path, capsys, manifest, message):
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    assert main(["verify", "--golden", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unusable_backend_and_unwritable_export_are_exit_2(tmp_path, capsys, monkeypatch):
+    def unavailable(cases, names, dtypes):
+        raise golden.BackendUnavailable("no OpenCL device matches '9:9'")
+
+    monkeypatch.setattr(golden, "verify_backends", unavailable)
+    assert main(["verify", "--case", "op_linear_*"]) == 2
+    assert "refslm verify: error: no OpenCL device matches '9:9'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["golden", "export", "--format", "npz", "--case", "op_linear_*", str(tmp_path / "file" / "x")]) == 2
+    assert "refslm golden export: error:" in capsys.readouterr().err

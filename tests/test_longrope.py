@@ -230,5 +230,5 @@ def test_flop_counts_refuse_the_step_that_switches_factors():
     cfg = phi3_longrope()
     flops.generation_flops(cfg, 4, 12)  # 4 + 11 = 15 tokens: short factors throughout, cache reused
     flops.generation_flops(cfg, 20, 8)  # prefill already past the switch: long factors, cache reused
-    with pytest.raises(ValueError, match="longrope"):
+    with pytest.raises(ValueError, match="decode step reaching 17 tokens switches to the long factors"):
         flops.generation_flops(cfg, 10, 8)  # crosses 16 -> 17 while decoding

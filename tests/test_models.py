@@ -207,7 +207,7 @@ def test_from_params_lists_every_problem():
 def test_from_params_rejects_integer_arrays():
     cfg = tiny_decoder_only(layout="llama")
     params = {n: np.zeros(s, np.int32) for n, s in models.param_shapes(cfg).items()}
-    with pytest.raises(models.ParameterError, match="must be a float array"):
+    with pytest.raises(models.ParameterError, match="model.embed_tokens.weight must be a float array, got dtype int32"):
         models.from_params(cfg, params)
 
 

@@ -355,8 +355,19 @@ def test_decode_step_launch_count(make):
 def test_kernel_seconds_profiles_the_kernels_of_a_call():
     x, w = OCL.asarray(np.ones((64, 256), np.float32)), OCL.asarray(np.ones((128, 256), np.float32))
     before = OCL.launches
-    wall, busy = OCL.kernel_seconds(lambda: [OCL.linear(x, w) for _ in range(3)])
-    assert OCL.launches - before == 3
-    assert 0 < busy <= wall  # an in-order queue: kernel times never overlap and fit in the wall time
+    recorded = []
+    real_launch = OCL._launch
+
+    def launch(*args):
+        real_launch(*args)
+        recorded.append(OCL._recorded[-1])  # each kernel's event is kept while kernel_seconds runs
+
+    OCL._launch = launch
+    try:
+        wall, busy = OCL.kernel_seconds(lambda: [OCL.linear(x, w) for _ in range(3)])
+    finally:
+        del OCL._launch
+    assert OCL.launches - before == 3 and len(recorded) == 3
+    assert busy == sum(e.profile.end - e.profile.start for e in recorded) * 1e-9 and wall > 0
     assert OCL._recorded is None  # events are kept only while measuring
     assert OCL.kernel_seconds(lambda: None)[1] == 0  # nothing enqueued, no device time
