@@ -522,13 +522,17 @@ class Model:
         """Causal stack over new tokens ids [B, T] at times start..start+T-1 -> logits [B, T or 1, V].
 
         positions [B or 1, T] (default start..start+T-1); mask_ids [B, start+T] = every token so far
-        (default ids), whose pads are masked as keys, unless attention_mask [B, start+T] 0/1 says which
-        tokens are keys; caches: one KVCache per block (required when start > 0); cross: cross_kv(...)
-        for the encoder-decoder; segment_ids [B, start+T] int: each token attends only to tokens of its
-        own segment (packed rows). The RoPE tables use L = rope_length(positions) (= start+T by default).
+        (default ids, so required when start > 0), whose pads are masked as keys, unless attention_mask
+        [B, start+T] 0/1 says which tokens are keys; caches: one KVCache per block (required when
+        start > 0); cross: cross_kv(...) for the encoder-decoder; segment_ids [B, start+T] int: each
+        token attends only to tokens of its own segment (packed rows). The RoPE tables use
+        L = rope_length(positions) (= start+T by default).
         """
         cfg = self.config
         t = ids.shape[1]
+        if start > 0 and mask_ids is None and attention_mask is None:
+            raise ValueError(f"decode at start={start} needs mask_ids or attention_mask [B, start+T] (every token "
+                             "so far): ids holds only the new tokens")
         if positions is None:
             positions = np.arange(start, start + t)
         mask = key_mask(ids if mask_ids is None else mask_ids, cfg.pad_token_id,

@@ -436,3 +436,9 @@ def test_segment_ids_errors():
         decoder_only.logits(ENC, segment_ids=np.ones((2, 5), np.int64))
     with pytest.raises(ValueError, match="position_ids and segment_ids are for decoder-only models"):
         models.init(tiny_encoder_decoder(), seed=0).logits(ENC, DEC, segment_ids=np.ones((2, 4), np.int64))
+
+
+def test_decode_past_the_start_needs_every_token_for_the_key_mask():
+    model = models.init(tiny_decoder_only(), seed=0, dtype="float64")
+    with pytest.raises(ValueError, match=r"decode at start=2 needs mask_ids or attention_mask \[B, start\+T\]"):
+        model.decode(np.array([[5, 6]]), start=2)
