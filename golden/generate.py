@@ -349,26 +349,30 @@ def op_cases() -> list[Case]:
 
 def rope_cases() -> list[Case]:
     """RoPE on [B, H, T, D]: both layouts, offsets, centred positions, NTK and linear scaling."""
-    specs = [  # name, description, layout, positions [B or 1, T], theta, seq_len for NTK, ntk factor, block, linear
-        ("rotate_half", "rotate_half layout, positions 0..T-1", "rotate_half", torch.arange(11)[None], 1, 1.0, 1.0),
+    # name, description, layout, positions [B or 1, T], linear factor, dynamic NTK (factor, block_size) or None
+    specs = [
+        ("rotate_half", "rotate_half layout, positions 0..T-1", "rotate_half", torch.arange(11)[None], 1.0, None),
         ("interleaved", "interleaved layout (pairs 2i, 2i+1), positions 0..T-1", "interleaved",
-         torch.arange(11)[None], 1, 1.0, 1.0),
+         torch.arange(11)[None], 1.0, None),
         ("offset", "rotate_half, per-row positions with offsets (KV-cache steps 7.. and 100..)", "rotate_half",
-         torch.stack([torch.arange(7, 18), torch.arange(100, 111)]), 1, 1.0, 1.0),
+         torch.stack([torch.arange(7, 18), torch.arange(100, 111)]), 1.0, None),
         ("centred", "rotate_half, centred encoder positions p - (L-1)//2, L = 11", "rotate_half",
-         (torch.arange(11) - 5)[None], 1, 1.0, 1.0),
+         (torch.arange(11) - 5)[None], 1.0, None),
         ("ntk", "rotate_half, dynamic NTK: factor 4, block_size 8, sequence length 11 > block_size",
-         "rotate_half", torch.arange(11)[None], 4.0, 1.0, 8),
+         "rotate_half", torch.arange(11)[None], 1.0, (4.0, 8)),
         ("linear_scaling", "interleaved, linear position scaling: positions / 2.5", "interleaved",
-         torch.arange(11)[None], 1, 2.5, 1.0),
+         torch.arange(11)[None], 2.5, None),
     ]
     cases = []
-    for name, description, layout, positions, ntk_factor, linear_factor, block in specs:
+    for name, description, layout, positions, linear_factor, ntk in specs:
         g = generator(f"rope_{name}")
         x = randn(g, positions.shape[0] if positions.shape[0] > 1 else 2, 3, positions.shape[1], 16)
-        theta = ntk_theta(10000.0, 16, positions.shape[1], ntk_factor, block) if ntk_factor > 1 else 10000.0
         attributes = dict(op="rope", layout=layout, theta=10000.0, linear_factor=linear_factor,
-                          ntk_factor=ntk_factor, block_size=block, seq_len=positions.shape[1], effective_theta=theta)
+                          seq_len=positions.shape[1])
+        theta = 10000.0
+        if ntk is not None:
+            theta = ntk_theta(10000.0, 16, positions.shape[1], *ntk)
+            attributes.update(ntk_factor=ntk[0], block_size=ntk[1], effective_theta=theta)
 
         def compute(t, layout=layout, theta=theta, linear_factor=linear_factor):
             cos, sin = t_rope_cos_sin(t["input.positions"], 16, theta, layout, linear_factor)
