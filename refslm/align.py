@@ -21,13 +21,17 @@ import numpy as np
 # --------------------------------------------------------------------------------------------------
 # input checking and padding
 
+INT64_END = 2**63  # ids must fit int64: [0, 2**63)
+
 
 def as_id_rows(rows: Sequence[Sequence[int]], name: str, *, vocab_size: int | None = None) -> list[np.ndarray]:
     """Validate a batch of token-id sequences -> list of 1-D int64 arrays.
 
     Raises ValueError naming `name` for an empty batch, an empty or non-1-D row, non-integer ids, or
-    ids outside [0, vocab_size) (only the lower bound when vocab_size is None).
+    ids outside [0, vocab_size) ([0, 2**63), what int64 holds, when vocab_size is None). Values are
+    checked before the cast, so a uint64 id never wraps to a negative one.
     """
+    limit = INT64_END if vocab_size is None else check_int("vocab_size", vocab_size, 1)
     if len(rows) == 0:
         raise ValueError(f"{name}: expected at least one sequence, got an empty batch")
     out = []
@@ -39,12 +43,20 @@ def as_id_rows(rows: Sequence[Sequence[int]], name: str, *, vocab_size: int | No
             raise ValueError(f"{name}[{b}]: is empty; every sequence needs at least one token")
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{name}[{b}]: token ids must be integers, got dtype {arr.dtype}")
-        bad = (arr < 0) if vocab_size is None else ((arr < 0) | (arr >= vocab_size))
+        bad = (arr < 0) | (arr >= limit)
         if bad.any():
-            limit = "[0, inf)" if vocab_size is None else f"[0, {vocab_size})"
-            raise ValueError(f"{name}[{b}]: token id {int(arr[bad][0])} is outside {limit}")
+            bound = "2**63" if vocab_size is None else vocab_size
+            raise ValueError(f"{name}[{b}]: token id {int(arr[bad][0])} is outside [0, {bound})")
         out.append(arr.astype(np.int64))
     return out
+
+
+def _typed_array(name: str, value, kinds: str, expected: str, ndim: int) -> np.ndarray:
+    """np.asarray(value); ValueError naming `name` unless its dtype kind is in `kinds` and it has `ndim` axes."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in kinds or arr.ndim != ndim:
+        raise ValueError(f"{name} must be {expected}, got {arr.dtype} {arr.shape}")
+    return arr
 
 
 def pad_rows(rows: Sequence[np.ndarray], length: int, pad_id: int, *, side: str, name: str) -> np.ndarray:
@@ -65,20 +77,25 @@ def pad_rows(rows: Sequence[np.ndarray], length: int, pad_id: int, *, side: str,
     return out
 
 
-def _check_length(value: int, name: str) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """-> int(value); ValueError naming `name` unless value is an int (Python or NumPy, not bool) in
+    [low, high) ([low, inf) when high is None). Lengths use low=1, token ids low=0, high=vocab size."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and low <= value:
+        if high is None or value < high:
+            return int(value)
+    expected = f">= {low}" if high is None else f"in [{low}, {high})"
+    raise ValueError(f"{name} must be an int {expected}, got {value!r}")
 
 
 def truncate_sources(sources: Sequence[np.ndarray], encoder_len: int) -> list[np.ndarray]:
     """Keep the first `encoder_len` tokens of each source (public code: Hugging Face truncation_side='right')."""
-    _check_length(encoder_len, "encoder_len")
+    check_int("encoder_len", encoder_len, 1)
     return [s[:encoder_len] for s in sources]
 
 
 def fit_targets(targets: Sequence[np.ndarray], decoder_len: int, *, truncate: bool) -> list[np.ndarray]:
     """Targets longer than `decoder_len`: keep the first decoder_len tokens if `truncate`, else raise."""
-    _check_length(decoder_len, "decoder_len")
+    check_int("decoder_len", decoder_len, 1)
     for b, target in enumerate(targets):
         if len(target) > decoder_len and not truncate:
             raise ValueError(
@@ -98,6 +115,7 @@ class PaperLayout:
 
     encoder_len: source length (student encoder input; teacher prefix, left-padded).
     decoder_len: target length (student decoder; teacher suffix, right-padded).
+    pad_id, bos_id: token ids, ints >= 0 (and below vocab_size where a batch is given one).
     truncate_target: keep the first decoder_len tokens of a longer target instead of raising.
     """
 
@@ -108,12 +126,17 @@ class PaperLayout:
     truncate_target: bool = False
 
     def __post_init__(self) -> None:
-        _check_length(self.encoder_len, "encoder_len")
-        _check_length(self.decoder_len, "decoder_len")
+        check_int("encoder_len", self.encoder_len, 1)
+        check_int("decoder_len", self.decoder_len, 1)
+        check_int("pad_id", self.pad_id, 0)
+        check_int("bos_id", self.bos_id, 0)
 
     def fit(self, sources, targets, vocab_size: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Validated pairs with sources truncated to encoder_len and targets fitted to decoder_len."""
+        """Validated pairs with sources truncated to encoder_len and targets fitted to decoder_len
+        (pad_id and bos_id must lie in [0, vocab_size) when vocab_size is given)."""
         src, tgt = _paired(sources, targets, vocab_size)
+        check_int("pad_id", self.pad_id, 0, vocab_size)
+        check_int("bos_id", self.bos_id, 0, vocab_size)
         tgt = fit_targets(tgt, self.decoder_len, truncate=self.truncate_target)
         return truncate_sources(src, self.encoder_len), tgt
 
@@ -241,9 +264,10 @@ def right_padded_teacher_batch(
     (default: the longest pair, so a batch of one is the unpadded row). Per-row source lengths vary.
     """
     src, tgt = _paired(sources, targets, vocab_size)
+    check_int("pad_id", pad_id, 0, vocab_size)
     pairs = [np.concatenate([s, t]) for s, t in zip(src, tgt, strict=True)]
     length = max(len(p) for p in pairs) if length is None else length
-    _check_length(length, "length")
+    check_int("length", length, 1)
     input_ids = pad_rows(pairs, length, pad_id, side="right", name="[source; target] pairs")
     return _teacher_batch(input_ids, pad_id, range(len(src)), [0] * len(src), src, tgt)
 
@@ -260,8 +284,9 @@ def packed_teacher_batch(
     current row if it fits, else opens a new row; the last row is right-padded). The teacher must
     use `segment_ids` so that no pair attends to another (block-diagonal causal attention).
     """
-    _check_length(row_length, "row_length")
+    check_int("row_length", row_length, 1)
     src, tgt = _paired(sources, targets, vocab_size)
+    check_int("pad_id", pad_id, 0, vocab_size)
     rows, starts, used = [], [], []
     for b, (s, t) in enumerate(zip(src, tgt, strict=True)):
         size = len(s) + len(t)
@@ -298,7 +323,7 @@ def index_map(
       valid[b, t]     = index_map[b, t] >= 0 and j < target_lengths[b] (padding is not supervised).
     In the paper layout index_map[b, t] = encoder_len - 1 + t for every b and t: the public slice.
     """
-    _check_length(decoder_len, "decoder_len")
+    check_int("decoder_len", decoder_len, 1)
     n_pairs, teacher_len = len(teacher.rows), teacher.input_ids.shape[1]
     if teacher_token_of is None:
         teacher_token_of = np.broadcast_to(np.arange(decoder_len, dtype=np.int64), (n_pairs, decoder_len))
@@ -320,20 +345,23 @@ def gather_teacher_logits(
     """Aligned teacher logits for the loss: [R, T_teacher, V] -> [B, T_dec, V].
 
     out[b, t] = teacher_logits[rows[b], index_map[b, t]] where mask[b, t], else 0 (a row the loss
-    must weight 0). rows [B] defaults to arange(B) (one teacher row per pair, R == B). Raises if a
-    masked-in position has no teacher logit (index -1 or out of range). Output dtype = input dtype.
+    must weight 0). index_map and rows [B] are integer arrays, mask is bool; rows defaults to
+    arange(B) (one teacher row per pair, R == B). Raises if a masked-in position has no teacher logit
+    (index -1 or out of range). Output dtype = input dtype.
     """
-    teacher_logits, index_map, mask = np.asarray(teacher_logits), np.asarray(index_map), np.asarray(mask, bool)
+    teacher_logits = np.asarray(teacher_logits)
     if teacher_logits.ndim != 3:
         raise ValueError(f"teacher_logits must be [R, T_teacher, V], got shape {teacher_logits.shape}")
-    if index_map.ndim != 2 or mask.shape != index_map.shape:
+    index_map = _typed_array("index_map", index_map, "iu", "an integer array [B, T_dec]", 2)
+    mask = _typed_array("mask", mask, "b", "a bool array [B, T_dec]", 2)
+    if mask.shape != index_map.shape:
         raise ValueError(f"index_map and mask must both be [B, T_dec], got {index_map.shape} and {mask.shape}")
     n_rows, teacher_len, _ = teacher_logits.shape
     if rows is None:
         if n_rows != index_map.shape[0]:
             raise ValueError(f"teacher_logits has {n_rows} rows but index_map {index_map.shape[0]}; pass rows")
         rows = np.arange(n_rows)
-    rows = np.asarray(rows, dtype=np.int64)
+    rows = _typed_array("rows", rows, "iu", f"an integer array [B={index_map.shape[0]}]", 1)
     if rows.shape != index_map.shape[:1] or ((rows < 0) | (rows >= n_rows)).any():
         raise ValueError(f"rows must be [B={index_map.shape[0]}] with values in [0, {n_rows}), got {rows}")
     picked = index_map[mask]
@@ -377,6 +405,10 @@ class VocabMap:
 
     def expand_student_grad(self, grad: np.ndarray) -> np.ndarray:
         """Gradient on the K restricted student columns [..., K] -> [..., V_student] (0 elsewhere)."""
+        grad = np.asarray(grad)
+        if grad.ndim == 0 or grad.shape[-1] != len(self.student_ids):
+            raise ValueError(f"grad last axis must be K={len(self.student_ids)} (the shared columns), got shape "
+                             f"{grad.shape}")
         out = np.zeros(grad.shape[:-1] + (self.student_vocab,), dtype=grad.dtype)
         out[..., self.student_ids] = grad
         return out
@@ -391,8 +423,8 @@ def vocab_map(
     cut_to_min: the public code's rule, ids 0 .. min(V_student, V_teacher)-1 on both sides.
     Neither: the vocabularies must have the same size (identity); otherwise ValueError.
     """
-    _check_length(student_vocab, "student_vocab")
-    _check_length(teacher_vocab, "teacher_vocab")
+    check_int("student_vocab", student_vocab, 1)
+    check_int("teacher_vocab", teacher_vocab, 1)
     if id_pairs is not None and cut_to_min:
         raise ValueError("give either id_pairs or cut_to_min, not both")
     if id_pairs is None:
@@ -437,6 +469,13 @@ def replace_out_of_vocab(
     return np.where(out_of_vocab, unk_id, ids).astype(np.int64)
 
 
+def _check_tokenizer_ids(tokenizer_size: int, eos_id: int, unk_id: int) -> None:
+    """ValueError naming the argument unless tokenizer_size >= 1 and eos_id, unk_id lie in [0, tokenizer_size)."""
+    check_int("tokenizer_size", tokenizer_size, 1)
+    check_int("eos_id", eos_id, 0, tokenizer_size)
+    check_int("unk_id", unk_id, 0, tokenizer_size)
+
+
 def sample_on_policy_targets(
     student,
     encoder_input_ids: np.ndarray,
@@ -455,11 +494,11 @@ def sample_on_policy_targets(
 
     encoder_input_ids [B, S] int64 (right-padded sources) -> B targets (1-D int64, 1..max_new_tokens
     tokens each): `student.generate` output cut after the first EOS (EOS kept), then ids beyond the
-    tokenizer replaced by UNK. Deterministic for a given seed.
+    tokenizer replaced by UNK. Deterministic for a given seed. eos_id and unk_id must lie in
+    [0, tokenizer_size).
     """
-    _check_length(max_new_tokens, "max_new_tokens")
-    if not 0 <= eos_id < tokenizer_size:
-        raise ValueError(f"eos_id={eos_id} must be inside the tokenizer [0, {tokenizer_size})")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    _check_tokenizer_ids(tokenizer_size, eos_id, unk_id)
     generated = np.asarray(
         student.generate(
             encoder_input_ids, max_new_tokens, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -531,6 +570,7 @@ def kd_batch(
     """The paper's on-policy KD batch: sample targets from `student` given the truncated, right-padded
     sources (max_new_tokens = decoder_len), then build the student and teacher inputs around them.
     """
+    _check_tokenizer_ids(tokenizer_size, eos_id, unk_id)
     src = truncate_sources(as_id_rows(sources, "sources", vocab_size=tokenizer_size), layout.encoder_len)
     encoder_input_ids = pad_rows(src, layout.encoder_len, layout.pad_id, side="right", name="sources")
     targets = sample_on_policy_targets(
@@ -563,12 +603,13 @@ def shared_tokenizer_table(tokenizer, source: str, target: str, *, encoder_len=N
                            bos_id=1) -> str:
     """The paper layout for one tokenizer: what each student position reads, predicts, and which teacher
     position (and the last token that position has seen) supervises it."""
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     src = as_id_rows([tokenizer.encode(source, add_special_tokens=False).ids], "sources")
     tgt = as_id_rows([tokenizer.encode(target, add_special_tokens=False).ids], "targets")
-    encoder_len = encoder_len or len(src[0])
-    decoder_len = decoder_len or len(tgt[0])
+    encoder_len = len(src[0]) if encoder_len is None else encoder_len
+    decoder_len = len(tgt[0]) if decoder_len is None else decoder_len
     layout = PaperLayout(encoder_len, decoder_len, pad_id=pad_id, bos_id=bos_id)
-    kd = kd_batch_from_targets(src, tgt, layout)
+    kd = kd_batch_from_targets(src, tgt, layout, vocab_size=vocab_size)
     rows = []
     for t in range(decoder_len):
         position = int(kd.index_map[0, t])
@@ -589,9 +630,9 @@ def cross_tokenizer_table(student_tokenizer, teacher_tokenizer, source: str, tar
 
     alignment = token_align.align_text(target, student_tokenizer, teacher_tokenizer)
     teacher_source = teacher_tokenizer.encode(source, add_special_tokens=False).ids
-    decoder_len = decoder_len or len(alignment.student_ids)
-    # one unpadded row; pad_id -1 matches no token, so no teacher token is masked
-    teacher = right_padded_teacher_batch([teacher_source], [alignment.teacher_ids], pad_id=-1)
+    decoder_len = len(alignment.student_ids) if decoder_len is None else decoder_len
+    # one unpadded row: pad_id only sets the attention mask, which the table does not show
+    teacher = right_padded_teacher_batch([teacher_source], [alignment.teacher_ids], pad_id=0)
     positions, valid = index_map(teacher, decoder_len, token_align.teacher_token_of([alignment], decoder_len))
     rows = []
     for t in range(decoder_len):
@@ -642,7 +683,7 @@ def align_command(args) -> int:
                 student_tokenizer, args.source, args.target, encoder_len=args.encoder_len,
                 decoder_len=args.decoder_len, pad_id=args.pad_id, bos_id=args.bos_id,
             )
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:
         print(f"refslm align: error: {error}", file=sys.stderr)
         return 2
     print(table)

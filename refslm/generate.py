@@ -20,10 +20,12 @@ Sampling (`sample_tokens`) draws from an explicit numpy Generator(seed): a seed 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
 
+from .align import check_int
 from .models import Model, check_attention_mask, check_ids, leading_pads, rope_length
 
 
@@ -51,17 +53,18 @@ class CachedDecoder:
     """Cached decoding of one batch: the constructor runs the encoder (encoder-decoder) and the prefill.
 
     input_ids: encoder input [B, Te] (encoder-decoder) or LEFT-padded prompt [B, T] (decoder-only).
-    max_new_tokens: how many `step` calls the caches must hold. decoder_input_ids: encoder-decoder
-    decoder prefix [B, Td] (default one BOS column). attention_mask: [B, Te] or [B, T] of 0/1 for
-    input_ids (Hugging Face's): it replaces the pad-id rule; decoder-only prompts must then be left
-    padded (0s, then 1s) and every generated token is attended, whatever its id. After construction
-    `logits` [B, V] holds the logits of the last position; `step` appends one token per row and
-    returns the next ones.
+    max_new_tokens: how many `step` calls the caches must hold, an int >= 0 (0: the prefill only).
+    decoder_input_ids: encoder-decoder decoder prefix [B, Td] (default one BOS column).
+    attention_mask: [B, Te] or [B, T] of 0/1 for input_ids (Hugging Face's): it replaces the pad-id
+    rule; decoder-only prompts must then be left padded (0s, then 1s) and every generated token is
+    attended, whatever its id. After construction `logits` [B, V] holds the logits of the last
+    position; `step` appends one token per row and returns the next ones.
     """
 
     def __init__(self, model: Model, input_ids: Any, max_new_tokens: int, decoder_input_ids: Any = None,
                  attention_mask: Any = None):
         cfg = model.config
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         batch = ids.shape[0]
         self.model = model
@@ -128,33 +131,61 @@ class CachedDecoder:
 # ---------------------------------------------------------------- sampling
 
 
+def _is_real(x: Any) -> bool:
+    """A real number: Python or NumPy int or float, not bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the argument unless temperature > 0, top_k >= 1, 0 < top_p <= 1."""
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+    """Raise ValueError naming the argument unless temperature is finite > 0, top_k an int >= 1 and
+    0 < top_p <= 1 (Python or NumPy scalars; top_k and top_p may be None)."""
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+    if top_k is not None:
+        check_int("top_k", top_k, 1)
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def check_logits(logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[B, V] real logits -> (logits, [B] row maxima). ValueError unless every row is finite or -inf
+    with at least one finite entry (NaN, +inf or an all -inf row would make the token meaningless)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] < 1 or logits.dtype.kind not in "fiu":
+        raise ValueError(f"logits must be a real array [B, V >= 1], got {logits.dtype} {logits.shape}")
+    row_max = logits.max(axis=-1)  # NaN if the row holds one, +inf, or -inf for an all -inf row
+    bad = np.flatnonzero(~np.isfinite(row_max))
+    if bad.size:
+        raise ValueError(f"logits row {bad[0]} must be finite or -inf with at least one finite entry "
+                         "(found NaN, +inf or only -inf)")
+    return logits, row_max
 
 
 def sample_tokens(logits: np.ndarray, rng: np.random.Generator | None, *, greedy: bool = False,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
     """[B, V] logits -> [B] int64 tokens.
 
-    greedy: argmax (lowest id on ties; rng unused). Otherwise, in float64: z = logits / temperature;
-    tokens sorted by z descending (ties: lower id first); keep the first top_k; p = softmax over the
-    kept; top_p keeps the shortest prefix whose mass reaches top_p (the first token always); then
-    u = rng.random(B) picks, per row, the first kept token whose cumulative mass exceeds u * (kept mass).
+    Logits must be finite or -inf with a finite entry per row (`check_logits`), the settings pass
+    `check_sampling`. greedy: argmax (lowest id on ties; rng unused). Otherwise, in float64:
+    z = (logits - row max) / temperature, which cannot overflow to NaN: as temperature -> 0 it
+    tends to 0 on the row's maxima and -inf elsewhere, i.e. uniform over the tied maxima (greedy
+    when there is one). Tokens sorted by z descending (ties: lower id first); keep the first top_k;
+    p = softmax over the kept; top_p keeps the shortest prefix whose mass reaches top_p (the first
+    token always); then u = rng.random(B) picks, per row, the first kept token whose cumulative
+    mass exceeds u * (kept mass).
     """
+    logits, row_max = check_logits(logits)
     if greedy:
         return np.argmax(logits, axis=-1).astype(np.int64)
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    check_sampling(temperature, top_k, top_p)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator unless greedy, got {type(rng).__name__}")
+    with np.errstate(over="ignore"):  # overflow to -inf is the limit (probability 0), never NaN
+        z = (logits.astype(np.float64) - row_max[:, None].astype(np.float64)) / float(temperature)
     order = np.argsort(-z, axis=-1, kind="stable")
     if top_k is not None:
         order = order[:, :top_k]
-    z = np.take_along_axis(z, order, axis=-1)
-    p = np.exp(z - z[:, :1])
+    p = np.exp(np.take_along_axis(z, order, axis=-1))  # the first z is 0: p[:, 0] == 1
     p /= p.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1:
         p = np.where(np.cumsum(p, axis=-1) - p < top_p, p, 0.0)
@@ -172,17 +203,16 @@ def generate(model: Model, input_ids: Any, max_new_tokens: int, *, greedy: bool 
 
     input_ids: encoder input (encoder-decoder; the decoder starts from BOS) or LEFT-padded prompt
     (decoder-only); attention_mask: see CachedDecoder. Each step samples with `sample_tokens` from
-    Generator(seed). eos_token_id: a row that has emitted it keeps emitting it; generation stops
-    early once every row has (the rest of the output is EOS). None: no stopping (pass
-    model.config.eos_token_id to stop at the model's EOS).
+    Generator(seed), seed an int >= 0. eos_token_id, an int in [0, vocab_size): a row that has
+    emitted it keeps emitting it; generation stops early once every row has (the rest of the output
+    is EOS). None: no stopping (pass model.config.eos_token_id to stop at the model's EOS).
     """
-    if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if not greedy:
         check_sampling(temperature, top_k, top_p)
-    if eos_token_id is not None and not 0 <= eos_token_id < model.config.vocab_size:
-        raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {model.config.vocab_size})")
-    rng = np.random.default_rng(seed)
+    if eos_token_id is not None:
+        eos_token_id = check_int("eos_token_id", eos_token_id, 0, model.config.vocab_size)
+    rng = np.random.default_rng(check_int("seed", seed, 0))
     decoder = CachedDecoder(model, input_ids, max_new_tokens, attention_mask=attention_mask)
     batch = decoder.ids.shape[0]
     out = np.empty((batch, max_new_tokens), dtype=np.int64)

@@ -15,6 +15,8 @@ log q = log_softmax(z) (student), log p = log_softmax(u) (teacher).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -260,12 +262,9 @@ def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple
             raise ValueError(f"teacher must match student's shape {tuple(shape)} and dtype {dtype}, "
                              f"got {tuple(teacher[0])} {teacher[1]}")
         targets = None
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    _check_temperature(temperature, scale_by_t2=False)
+    _check_fraction("beta", beta)
+    _check_fraction("label_smoothing", label_smoothing)
     return targets, row_weight
 
 
@@ -431,8 +430,9 @@ class LinearHead:
                              f"{self.hidden.shape} and {self.weight.shape}")
         if self.hidden.dtype != self.weight.dtype:
             raise ValueError(f"hidden and lm_head must share a dtype, got {self.hidden.dtype} and {self.weight.dtype}")
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if not isinstance(self.chunk_rows, numbers.Integral) or isinstance(self.chunk_rows, bool) \
+                or self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be an int >= 1, got {self.chunk_rows!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -471,7 +471,16 @@ def _check_ids(name: str, ids, leading: tuple[int, ...]) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu" or ids.shape != leading:
         raise ValueError(f"{name} must be an integer array of shape {leading}, got {ids.dtype} {ids.shape}")
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds {ids.max()}, beyond int64 (token ids and ignore_index are int64)")
     return ids.reshape(-1).astype(np.int64, copy=False)
+
+
+def _check_index(name: str, x) -> int:
+    """An int (not bool) argument such as ignore_index."""
+    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+    return int(x)
 
 
 def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.ndarray | None:
@@ -479,7 +488,7 @@ def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.
     if mask is not None and labels is not None:
         raise ValueError("give mask or labels, not both")
     if labels is not None:
-        return _check_ids("labels", labels, leading) != ignore_index
+        return _check_ids("labels", labels, leading) != _check_index("ignore_index", ignore_index)
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -509,17 +518,29 @@ def row_weights(leading: tuple[int, ...], kept: np.ndarray | None, reduction: st
     return keep * (coefficient / denominator)
 
 
+def _check_real(name: str, x) -> float:
+    """A real-number argument (Python or NumPy scalar, not bool) -> float."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
 def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
-    """-> the coefficient of the divergence: T^2 if scale_by_t2 else 1."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return float(temperature) ** 2 if scale_by_t2 else 1.0
+    """-> the coefficient of the divergence: T^2 if scale_by_t2 else 1. T must be finite and > 0."""
+    t = _check_real("temperature", temperature)
+    if not 0.0 < t < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if scale_by_t2 and not math.isfinite(t * t):
+        raise ValueError(f"temperature**2 (scale_by_t2) overflows float64, got temperature {temperature!r}")
+    return t * t if scale_by_t2 else 1.0
 
 
 def _check_fraction(name: str, x: float) -> float:
+    """A real number in [0, 1] (beta, alpha, label_smoothing) -> float."""
+    x = _check_real(name, x)
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {x}")
-    return float(x)
+    return x
 
 
 # ---------------------------------------------------------------- evaluating a plan: direct, streaming, fused
@@ -541,6 +562,10 @@ def evaluate(plan: LossPlan, student, *, backend="numpy", chunk_size=None, grad_
         per_row, grad = _evaluate_fused(plan, student, kernel)
     else:
         grad = _grad_buffer(student, grad_out)
+        if grad_out is not None and any(a is not None and np.may_share_memory(grad_out, a)
+                                        for a in (student, plan.teacher)):
+            raise ValueError("grad_out must not overlap student or teacher logits (they are read after it is "
+                             "written)")
         student2d, grad2d = student.reshape(-1, student.shape[-1]), grad.reshape(-1, student.shape[-1])
         if chunk_size is None:
             per_row = _evaluate_direct(plan, student2d, kernel, grad2d)
@@ -661,7 +686,7 @@ def cross_entropy(student, targets, *, ignore_index: int = -100, label_smoothing
     """
     leading, _ = _check_student(student)
     targets = _check_ids("targets", targets, leading)
-    weights = row_weights(leading, targets != ignore_index, reduction, 1.0)
+    weights = row_weights(leading, targets != _check_index("ignore_index", ignore_index), reduction, 1.0)
     term = LossTerm("cross_entropy", weights, student.shape[-1],
                     label_smoothing=_check_fraction("label_smoothing", label_smoothing))
     plan = LossPlan((term,), None, targets, leading, reduction == "none")
@@ -743,7 +768,10 @@ def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | 
     leading, vocab = _check_student(student)
     alpha = _check_fraction("alpha", alpha)
     targets = _check_ids("targets", targets, leading)
-    kept = targets != ignore_index
+    kept = targets != _check_index("ignore_index", ignore_index)
+    if kept.any() and not (0 <= targets[kept].min() and targets[kept].max() < vocab):  # checked even at alpha 1
+        raise ValueError(f"targets that are not ignore_index must lie in [0, {vocab}), got values in "
+                         f"[{targets[kept].min()}, {targets[kept].max()}]")
     if mode == "paper":
         kind, policy, kd_kept = divergence or "reverse_kl", vocab_policy or "error", kept
     elif mode == "public_code":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .align import check_int
+
 KINDS = ("1:1", "many:1", "unaligned")
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -51,13 +53,22 @@ def require_tokenizers():
 
 
 def load_tokenizer(tokenizer):
-    """A `tokenizers.Tokenizer`, given one or the path of a tokenizer.json file."""
+    """A `tokenizers.Tokenizer`, given one or the path of a tokenizer.json file.
+
+    A missing path is FileNotFoundError, a directory IsADirectoryError, and a file `tokenizers` cannot
+    read ValueError, each naming the path.
+    """
     tokenizers = require_tokenizers()
     if isinstance(tokenizer, (str, Path)):
         path = Path(tokenizer)
+        if path.is_dir():
+            raise IsADirectoryError(f"tokenizer path {str(path)!r} is a directory, not a tokenizer.json file")
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return tokenizers.Tokenizer.from_file(str(path))
+        try:
+            return tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"tokenizer file {str(path)!r} is not a valid tokenizer.json: {error}") from error
     if not isinstance(tokenizer, tokenizers.Tokenizer):
         raise TypeError(f"expected a tokenizers.Tokenizer or a tokenizer.json path, got {type(tokenizer).__name__}")
     return tokenizer
@@ -70,22 +81,26 @@ def load_tokenizer(tokenizer):
 def token_units(offsets: np.ndarray, text_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Group tokens that start at the same character.
 
-    offsets [n, 2] int (start, end) character offsets, starts non-decreasing ->
-    unit_of [n] int64 (unit index of each token), unit_spans [U, 2] int64 (characters each unit
-    covers: from its start to the next unit's start; the first unit starts at 0, the last ends at
-    text_length).
+    offsets [n, 2] int (start, end) character offsets, 0 <= start <= end <= text_length, starts
+    non-decreasing (n may be 0) -> unit_of [n] int64 (unit index of each token), unit_spans [U, 2]
+    int64 (characters each unit covers: from its start to the next unit's start; the first unit
+    starts at 0, the last ends at text_length).
     """
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    starts = offsets[:, 0]
-    if ((starts < 0) | (starts > text_length) | (offsets[:, 1] > text_length)).any():
-        raise ValueError(f"token offsets must lie in [0, {text_length}], got {offsets.tolist()}")
+    text_length = check_int("text_length", text_length, 0)
+    offsets = np.asarray(offsets)
+    if offsets.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+    if offsets.ndim != 2 or offsets.shape[1] != 2 or offsets.dtype.kind not in "iu":
+        raise ValueError(f"token offsets must be an integer array [n, 2], got {offsets.dtype} {offsets.shape}")
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    if ((starts < 0) | (ends < starts) | (ends > text_length)).any():
+        raise ValueError(f"token offsets must satisfy 0 <= start <= end <= {text_length}, got {offsets.tolist()}")
     if (np.diff(starts) < 0).any():
         raise ValueError(f"token start offsets must not decrease, got {starts.tolist()}")
-    unit_starts, unit_of = np.unique(starts, return_inverse=True)
-    if len(unit_starts):
-        unit_starts[0] = 0
+    unit_starts, unit_of = np.unique(starts.astype(np.int64), return_inverse=True)
+    unit_starts[0] = 0
     ends = np.append(unit_starts[1:], text_length)
-    return unit_of.astype(np.int64), np.stack([unit_starts, ends], axis=1).astype(np.int64)
+    return unit_of.astype(np.int64), np.stack([unit_starts, ends], axis=1)
 
 
 def levenshtein(a: Sequence, b: Sequence) -> int:
@@ -159,7 +174,7 @@ def align_offsets(
     kind = ["unaligned"] * len(s_unit)
     shared = sorted(set(s_units[:, 0].tolist()) & set(t_units[:, 0].tolist()))
     blocks = []
-    for lo, hi in zip(shared, [*shared[1:], len(text)], strict=True):
+    for lo, hi in zip(shared, [*shared[1:], len(text)], strict=False):  # no shared start: no block
         s_in = np.flatnonzero((s_spans[:, 0] >= lo) & (s_spans[:, 0] < hi))
         t_in = np.flatnonzero((t_spans[:, 0] >= lo) & (t_spans[:, 0] < hi))
         if lo == hi or not len(s_in) or not len(t_in):  # zero-width tokens at the very end of the text
@@ -211,14 +226,18 @@ class TokenAlignment:
 def align_text(text: str, student_tokenizer, teacher_tokenizer) -> TokenAlignment:
     """Tokenise `text` with both tokenizers (no special tokens added) and align the tokens.
 
-    Raises ValueError for empty text or when the two tokenizers decode to different texts (they
-    would not be describing the same characters, e.g. one lowercases or maps characters to <unk>).
+    Raises ValueError for empty text, a text either tokenizer encodes to no tokens (e.g. only
+    whitespace that it drops), or when the two tokenizers decode to different texts (they would not
+    be describing the same characters, e.g. one lowercases or maps characters to <unk>).
     """
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty string, got {text!r}")
     student_tokenizer, teacher_tokenizer = load_tokenizer(student_tokenizer), load_tokenizer(teacher_tokenizer)
     s_enc = student_tokenizer.encode(text, add_special_tokens=False)
     t_enc = teacher_tokenizer.encode(text, add_special_tokens=False)
+    for side, encoding in (("student", s_enc), ("teacher", t_enc)):
+        if not encoding.ids:
+            raise ValueError(f"the {side} tokenizer encodes {text!r} to no tokens; there is nothing to align")
     s_text = student_tokenizer.decode(s_enc.ids, skip_special_tokens=False)
     t_text = teacher_tokenizer.decode(t_enc.ids, skip_special_tokens=False)
     if s_text != t_text:
@@ -249,6 +268,7 @@ def teacher_token_of(
     target tokens whose kind is in `kinds`, -1 elsewhere (other kinds, padding). Raises if a student
     target is longer than decoder_len.
     """
+    check_int("decoder_len", decoder_len, 1)
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"kinds must be taken from {KINDS}, got {sorted(unknown)}")

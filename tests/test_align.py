@@ -1,6 +1,8 @@
 """Paper alignment: batches checked id by id against hand derivations, the index map against a fake
 teacher whose logits encode exactly the tokens it has seen, vocabulary maps and on-policy KD batches."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -251,6 +253,23 @@ def test_out_of_vocab_public_off_by_one():
     np.testing.assert_array_equal(align.replace_out_of_vocab(ids, 50, 0, public_off_by_one=True), [49, 50, 0])
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(unk_id=-1), r"unk_id must be an int in \[0, 50\), got -1"),
+    (dict(unk_id=50), r"unk_id must be an int in \[0, 50\), got 50"),
+    (dict(eos_id=2.0), r"eos_id must be an int in \[0, 50\), got 2.0"),
+    (dict(eos_id=50), r"eos_id must be an int in \[0, 50\), got 50"),
+    (dict(tokenizer_size=0), "tokenizer_size must be an int >= 1, got 0"),
+])
+def test_on_policy_ids_name_the_argument(kwargs, message):
+    settings_ = dict(eos_id=EOS, unk_id=UNK, tokenizer_size=50) | kwargs
+    student = ScriptedStudent([[30, EOS, EOS, EOS]])
+    with pytest.raises(ValueError, match=message):
+        align.kd_batch(student, [[5, 6]], align.PaperLayout(2, 4), **settings_)
+    with pytest.raises(ValueError, match=message):
+        align.sample_on_policy_targets(student, np.array([[5, 6]]), max_new_tokens=4, **settings_)
+    assert student.calls == []  # refused before sampling
+
+
 def test_generate_with_wrong_shape_is_an_error():
     with pytest.raises(ValueError, match="student.generate returned shape"):
         align.sample_on_policy_targets(
@@ -281,6 +300,40 @@ def test_bad_input_is_a_clear_error(sources, targets, message):
         )
 
 
+def test_uint64_ids_are_checked_before_the_int64_cast():
+    """2**64 - 1 would wrap to -1 in int64; it is refused whether or not a vocab_size is given."""
+    big = np.array([5, 2**64 - 1], np.uint64)
+    with pytest.raises(ValueError, match=r"sources\[0\]: token id 18446744073709551615 is outside \[0, 2\*\*63\)"):
+        align.student_batch([big], [[7]], align.PaperLayout(4, 3))
+    with pytest.raises(ValueError, match=r"targets\[0\]: token id 18446744073709551615 is outside \[0, 50\)"):
+        align.student_batch([[7]], [big], align.PaperLayout(4, 3), vocab_size=50)
+    ok = align.student_batch([np.array([5, 2**63 - 1], np.uint64)], [[7]], align.PaperLayout(4, 3))
+    np.testing.assert_array_equal(ok.encoder_input_ids, [[5, 2**63 - 1, 0, 0]])
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1, got 0"):
+        align.student_batch([[5]], [[7]], align.PaperLayout(4, 3), vocab_size=0)
+
+
+@pytest.mark.parametrize("field, value", [("pad_id", 0.5), ("pad_id", -7), ("pad_id", True), ("bos_id", 1.7),
+                                          ("bos_id", -1), ("encoder_len", 0), ("decoder_len", 2.0)])
+def test_layout_ids_and_lengths_are_checked(field, value):
+    low = 1 if field.endswith("_len") else 0
+    with pytest.raises(ValueError, match=f"{field} must be an int >= {low}, got {value!r}"):
+        align.PaperLayout(**{"encoder_len": 4, "decoder_len": 3, field: value})
+
+
+def test_special_ids_must_lie_inside_the_vocabulary():
+    for field in ("pad_id", "bos_id"):
+        layout = align.PaperLayout(2, 3, **{field: 50})
+        with pytest.raises(ValueError, match=rf"{field} must be an int in \[0, 50\), got 50"):
+            align.kd_batch_from_targets([[3]], [[4]], layout, vocab_size=50)
+    for bad in (50, -1, 0.0):
+        expected = rf"pad_id must be an int in \[0, 50\), got {bad!r}"
+        with pytest.raises(ValueError, match=expected):
+            align.right_padded_teacher_batch([[3]], [[4]], pad_id=bad, vocab_size=50)
+        with pytest.raises(ValueError, match=expected):
+            align.packed_teacher_batch([[3]], [[4]], row_length=4, pad_id=bad, vocab_size=50)
+
+
 def test_truncate_target_keeps_the_first_tokens():
     kd = align.kd_batch_from_targets(
         [[3]], [[4, 5, 6, 7]], align.PaperLayout(2, 3, pad_id=PAD, bos_id=BOS, truncate_target=True)
@@ -295,6 +348,30 @@ def test_gather_rejects_a_mask_on_a_missing_logit():
         align.gather_teacher_logits(np.zeros((1, 3, 2)), np.array([[1, -1]]), np.array([[True, True]]))
     with pytest.raises(ValueError, match="pass rows"):
         align.gather_teacher_logits(np.zeros((1, 3, 2)), np.zeros((2, 2), np.int64), np.ones((2, 2), bool))
+
+
+def test_gather_arguments_have_their_dtypes():
+    logits = np.arange(12.0).reshape(1, 3, 4)
+    index, mask = np.array([[0, 2]]), np.array([[True, True]])
+    gathered = align.gather_teacher_logits(logits, index, mask, rows=np.array([0]))
+    np.testing.assert_array_equal(gathered, logits[:, [0, 2]])
+    with pytest.raises(ValueError, match=r"index_map must be an integer array \[B, T_dec\], got float64 \(1, 2\)"):
+        align.gather_teacher_logits(logits, index.astype(float), mask)
+    for bad_mask in (mask.astype(int), mask.astype(float)):
+        with pytest.raises(ValueError, match=r"mask must be a bool array \[B, T_dec\]"):
+            align.gather_teacher_logits(logits, index, bad_mask)
+    with pytest.raises(ValueError, match=r"rows must be an integer array \[B=1\], got float64 \(1,\)"):
+        align.gather_teacher_logits(logits, index, mask, rows=np.array([0.7]))
+    with pytest.raises(ValueError, match=r"rows must be \[B=1\] with values in \[0, 1\)"):
+        align.gather_teacher_logits(logits, index, mask, rows=np.array([2**64 - 1], np.uint64))
+
+
+def test_expand_student_grad_needs_the_shared_columns():
+    vmap = align.vocab_map(5, 6, cut_to_min=True)
+    np.testing.assert_array_equal(vmap.expand_student_grad(np.ones((2, 5))), np.ones((2, 5)))
+    for shape in ((2, 1), (2, 6), ()):
+        with pytest.raises(ValueError, match="grad last axis must be K=5 .*got shape " + re.escape(str(shape))):
+            vmap.expand_student_grad(np.ones(shape))
 
 
 def test_packed_pair_longer_than_row_is_an_error():
@@ -432,3 +509,43 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys):
     status, _, err = run_cli(capsys, "--tokenizer", student, "--teacher-tokenizer", teacher, "--source", "a",
                              "--target", " lead")
     assert status == 2 and "decode ' lead' differently" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--encoder-len", "0"], "encoder_len must be an int >= 1, got 0"),
+    (["--decoder-len", "0"], "decoder_len must be an int >= 1, got 0"),
+    (["--pad-id", "-5"], "pad_id must be an int >= 0, got -5"),
+    (["--bos-id", "99999"], r"bos_id must be an int in \[0, 556\), got 99999"),
+])
+def test_cli_checks_lengths_and_ids(tmp_path, capsys, argv, message):
+    """0 is not "use the default", and ids must exist in the tokenizer (the BPE test tokenizer has 556)."""
+    student, teacher = saved_tokenizers(tmp_path)
+    status, lines, err = run_cli(capsys, "--tokenizer", student, "--source", "a b", "--target", "hello", *argv)
+    assert (status, lines) == (2, []) and re.search(message, err), err
+    if argv[0] == "--decoder-len":
+        status, _, err = run_cli(capsys, "--tokenizer", student, "--teacher-tokenizer", teacher, "--source", "a",
+                                 "--target", "hello", *argv)
+        assert status == 2 and message in err, err
+
+
+def test_cli_unreadable_tokenizer_files_exit_2_naming_the_file(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"not": "a tokenizer"}')
+    status, _, err = run_cli(capsys, "--tokenizer", str(broken), "--source", "a", "--target", "b")
+    assert status == 2 and f"tokenizer file {str(broken)!r} is not a valid tokenizer.json" in err, err
+    status, _, err = run_cli(capsys, "--tokenizer", str(tmp_path), "--source", "a", "--target", "b")
+    assert status == 2 and f"{str(tmp_path)!r} is a directory, not a tokenizer.json file" in err, err
+
+
+def test_cli_target_without_tokens_exits_2(tmp_path, capsys):
+    """A tokenizer that drops whitespace encodes "   " to no tokens: a clear error, not a numpy one."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = str(tmp_path / "words.json")
+    words.save(path)
+    status, _, err = run_cli(capsys, "--tokenizer", path, "--teacher-tokenizer", path, "--source", "a",
+                             "--target", "   ")
+    assert status == 2 and "the student tokenizer encodes '   ' to no tokens" in err, err

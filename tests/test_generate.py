@@ -158,25 +158,88 @@ def test_greedy_ties_take_the_lowest_id():
     assert generate.sample_tokens(logits, np.random.default_rng(0), top_k=1)[0] == 1
 
 
+def test_tiny_temperature_is_the_greedy_limit():
+    """z = (logits - row max) / T: as T -> 0 the distribution tends to one-hot at the argmax (uniform over
+    tied maxima); dividing first would overflow to inf - inf = NaN and pick garbage."""
+    model = models.init(CONFIGS["mu"], seed=0, dtype="float64")
+    prompt = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    greedy = model.generate(prompt, 4, greedy=True)
+    for temperature in (1e-310, 5e-324, 1e-30):
+        np.testing.assert_array_equal(model.generate(prompt, 4, temperature=temperature, seed=3), greedy)
+    rng = np.random.default_rng(0)
+    tied = np.tile([[1.0, 3.0, 3.0, -np.inf, -1e308]], (4000, 1))
+    counts = np.bincount(generate.sample_tokens(tied, rng, temperature=1e-310), minlength=5)
+    assert counts[[0, 3, 4]].sum() == 0 and abs(counts[1] - 2000) < 5 * np.sqrt(1000)
+    huge = np.array([[1e308, -1e308, -np.inf]])  # the difference overflows to -inf: still no NaN
+    assert generate.sample_tokens(huge, rng, temperature=0.5)[0] == 0
+
+
+@pytest.mark.parametrize("row", [[0.0, np.nan, 1.0], [0.0, np.inf, 1.0], [-np.inf, -np.inf, -np.inf]])
+def test_nan_inf_and_all_banned_logits_are_refused(row):
+    logits = np.array([[0.0, 1.0, 2.0], row])
+    for greedy in (True, False):
+        with pytest.raises(ValueError, match="logits row 1 must be finite or -inf with at least one finite entry"):
+            generate.sample_tokens(logits, np.random.default_rng(0), greedy=greedy)
+    ok = np.array([[0.0, -np.inf, 1.0]])  # -inf bans a token
+    assert set(generate.sample_tokens(np.repeat(ok, 200, 0), np.random.default_rng(0))) == {0, 2}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number > 0"),
     (dict(temperature=float("nan")), "temperature must be"),
+    (dict(temperature=True), "temperature must be"),
     (dict(top_k=0), "top_k must be an int >= 1"),
+    (dict(top_k=-2), "top_k must be an int >= 1"),
     (dict(top_k=2.5), "top_k must be an int >= 1"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=-1.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(eos_token_id=512), "eos_token_id=512 is outside the vocabulary"),
 ])
 def test_bad_sampling_arguments(kwargs, message):
+    """generate and sample_tokens apply the same checks (SPEC 4.2)."""
     model = models.init(CONFIGS["mu"])
     with pytest.raises(ValueError, match=message):
         model.generate(PROMPT, 2, **kwargs)
+    logits = np.random.default_rng(0).standard_normal((2, 6))
+    with pytest.raises(ValueError, match=message):
+        generate.sample_tokens(logits, np.random.default_rng(0), **kwargs)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator unless greedy"):
+        generate.sample_tokens(logits, None)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eos_token_id=512), r"eos_token_id must be an int in \[0, 512\), got 512"),
+    (dict(eos_token_id=-1), r"eos_token_id must be an int in \[0, 512\), got -1"),
+    (dict(eos_token_id=2.5), r"eos_token_id must be an int in \[0, 512\), got 2.5"),
+    (dict(eos_token_id=2.0), r"eos_token_id must be an int in \[0, 512\), got 2.0"),
+    (dict(eos_token_id="2"), r"eos_token_id must be an int in \[0, 512\), got '2'"),
+    (dict(seed=-1), "seed must be an int >= 0, got -1"),
+    (dict(seed=1.5), "seed must be an int >= 0, got 1.5"),
+    (dict(seed="a"), "seed must be an int >= 0, got 'a'"),
+])
+def test_bad_generation_arguments_name_the_argument(kwargs, message):
+    model = models.init(CONFIGS["mu"])
+    with pytest.raises(ValueError, match=message):
+        model.generate(PROMPT, 2, **kwargs)
+
+
+def test_numpy_scalars_are_valid_settings():
+    model = models.init(CONFIGS["mu"], seed=1, dtype="float64")
+    numpy_args = dict(temperature=np.float32(0.75), top_p=np.float32(0.5), top_k=np.int64(5), seed=np.int64(4),
+                      eos_token_id=np.int32(7))
+    python_args = {name: value.item() for name, value in numpy_args.items()}
+    np.testing.assert_array_equal(model.generate(PROMPT, 4, **numpy_args), model.generate(PROMPT, 4, **python_args))
 
 
 def test_bad_generation_inputs():
     model = models.init(CONFIGS["encoder_decoder"])
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         model.generate(ENC, 0)
+    for bad in (-3, -10, 1.5, None, True):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 0, got {bad!r}"):
+            generate.CachedDecoder(model, ENC, bad)
+    assert generate.CachedDecoder(model, ENC, 0).logits.shape == (2, model.config.vocab_size)  # prefill only
     with pytest.raises(ValueError, match="input_ids holds token id 600"):
         model.generate(np.array([[1, 600]]), 2)
     decoder = generate.CachedDecoder(model, ENC, 2)

@@ -8,12 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refslm import losses
+from refslm.backends import available_backends, get_backend
 from refslm.bench import peak_extra_bytes
 
 SETTINGS = settings(deadline=None, max_examples=25, derandomize=True)
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 INF = np.inf
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def logits(seed, shape, scale=3.0, dtype=np.float64):
@@ -24,6 +26,25 @@ def rows(kind, s, t=None, y=None, w=None, T=1.0, beta=0.3, eps=0.0):
     """loss_rows with defaults: -> (values, grad)."""
     w = np.ones(s.shape[0]) if w is None else w
     return losses.loss_rows(kind, s, t, y, w, temperature=T, beta=beta, label_smoothing=eps)
+
+
+def spy_on_loss_rows(monkeypatch, name):
+    """-> list that gets the kind of every later call of backend `name`'s loss_rows.
+
+    get_backend caches one instance per name and the public losses resolve backend= through it, so
+    wrapping that instance's method sees every kernel call they make with backend=name.
+    """
+    backend = get_backend(name)
+    assert backend.name == name  # the registry resolved the name to that backend's class
+    kinds = []
+    original = backend.loss_rows
+
+    def loss_rows(kind, *args, **kwargs):
+        kinds.append(kind)
+        return original(kind, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "loss_rows", loss_rows)
+    return kinds
 
 
 def any_loss(name, student, teacher, targets, **options):
@@ -136,14 +157,19 @@ def test_both_banned_equals_column_removed():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_extreme_logits(dtype):
-    # s = [1e4, 0, -1e4], t = [0, 1e4, -1e4]: p ~ onehot(1) and log q_1 = -1e4 -> forward KL = 1e4
+    """Logits +-1e4 give the exact KL 1e4 and one-hot gradients, in both dtypes.
+
+    s = [1e4, 0, -1e4], t = [0, 1e4, -1e4]: the exps below the row max underflow to 0 in float32
+    too, so the log normalisers are log(1) = 0 and every log-probability (0, -1e4, -2e4) is exact;
+    p = onehot(1) and log q_1 = -1e4 give forward KL 1 * (0 - (-1e4)) = 1e4 with no rounding.
+    """
     s = np.array([[1e4, 0.0, -1e4]], dtype=dtype)
     t = np.array([[0.0, 1e4, -1e4]], dtype=dtype)
     v, g = rows("forward_kl", s, t)
-    np.testing.assert_allclose(v, [1e4], rtol=1e-7)
+    np.testing.assert_array_equal(v, [1e4])
     np.testing.assert_array_equal(g, np.array([[1.0, -1.0, 0.0]], dtype=dtype))
-    v, g = rows("reverse_kl", s, t)  # q ~ onehot(0), log p_0 = -1e4
-    np.testing.assert_allclose(v, [1e4], rtol=1e-7)
+    v, g = rows("reverse_kl", s, t)  # q = onehot(0), log p_0 = -1e4
+    np.testing.assert_array_equal(v, [1e4])
     for kind in DIVERGENCES + ("cross_entropy",):
         v, g = rows(kind, s, t, y=np.array([2]))
         assert np.isfinite(v).all() and np.isfinite(g).all() and g.dtype == dtype, kind
@@ -377,15 +403,27 @@ def test_direct_streaming_fused_agree(seed, name, n, vocab, chunk_rows, chunk_vo
 
 
 def test_loss_rows_streaming_equals_direct_float32():
+    """Streaming equals direct float32 loss_rows to a few float32 ulps of the values' scale.
+
+    Not bit-identical by construction (these inputs happen to be): the online logsumexp takes exps
+    against earlier running maxima and rescales, and the sums go chunk by chunk, so the float32 log
+    normalisers can differ by an ulp. Over 9000 random inputs of this shape the differences reached
+    2.6 eps (1 + |v|) for values and 1.2 eps of the gradient terms' scale w / T (1 + |v|).
+    """
+    temperature = 1.3
     s, t = logits(21, (9, 50), dtype=np.float32), logits(22, (9, 50), dtype=np.float32)
     w = np.linspace(0.0, 1.0, 9)
+    kept = w != 0
     for kind in DIVERGENCES:
-        v, g = rows(kind, s, t, w=w, T=1.3)
-        v2, g2 = losses.loss_rows_streaming(kind, s, t, None, w, temperature=1.3, beta=0.3, label_smoothing=0.0,
-                                            chunk_rows=4, chunk_vocab=7)
+        v, g = rows(kind, s, t, w=w, T=temperature)
+        v2, g2 = losses.loss_rows_streaming(kind, s, t, None, w, temperature=temperature, beta=0.3,
+                                            label_smoothing=0.0, chunk_rows=4, chunk_vocab=7)
         assert g2.dtype == np.float32
-        np.testing.assert_allclose(v2, v, rtol=2e-6, atol=1e-6)
-        np.testing.assert_allclose(g2, g, rtol=1e-5, atol=1e-8)
+        assert np.all(v2[~kept] == 0) and np.all(g2[~kept] == 0)
+        np.testing.assert_allclose(v2, v, rtol=8 * EPS32, atol=8 * EPS32, err_msg=kind)
+        # grad[i] = w_i / T (a - q sum a): a difference of terms up to about w_i / T (1 + |v_i|)
+        scale = (w / temperature * (1 + np.abs(v)))[kept, None]
+        np.testing.assert_allclose(g2[kept] / scale, g[kept] / scale, rtol=0, atol=4 * EPS32, err_msg=kind)
 
 
 def test_fused_linear_loss_wrapper_and_3d_hidden():
@@ -416,14 +454,15 @@ def test_streaming_temporaries_stay_within_a_chunk():
 @pytest.mark.parametrize("call, message", [
     (lambda s, t, y: losses.forward_kl(s, t[:1]), "leading shape"),
     (lambda s, t, y: losses.forward_kl(s, t[..., :4]), "vocab_policy='truncate'"),
-    (lambda s, t, y: losses.forward_kl(s, t.astype(np.float32)), "dtype"),
+    (lambda s, t, y: losses.forward_kl(s, t.astype(np.float32)),
+     r"teacher logits must have student's leading shape \(2, 3\) and dtype float64, got \(2, 3, 5\) float32"),
     (lambda s, t, y: losses.forward_kl(s, t, vocab_policy="pad"), "vocab_policy"),
     (lambda s, t, y: losses.kd_loss(s, t, y, alpha=1.5), "alpha must lie in"),
     (lambda s, t, y: losses.kd_loss(s, t, y, alpha=-0.1), "alpha must lie in"),
     (lambda s, t, y: losses.generalized_jsd(s, t, beta=1.01), "beta must lie in"),
     (lambda s, t, y: losses.skew_kl(s, t, alpha=-0.5), "alpha must lie in"),
-    (lambda s, t, y: losses.reverse_kl(s, t, temperature=0.0), "temperature must be > 0"),
-    (lambda s, t, y: losses.kd_loss(s, t, y, temperature=-1.0), "temperature must be > 0"),
+    (lambda s, t, y: losses.reverse_kl(s, t, temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, temperature=-1.0), "temperature must be a finite number > 0, got -1.0"),
     (lambda s, t, y: losses.cross_entropy(s, y + 5), r"targets must lie in \[0, 5\)"),
     (lambda s, t, y: losses.cross_entropy(s, y - 1, ignore_index=-100), r"targets must lie in \[0, 5\)"),
     (lambda s, t, y: losses.cross_entropy(s, y[:, :1]), "targets must be an integer array of shape"),
@@ -442,12 +481,46 @@ def test_streaming_temporaries_stay_within_a_chunk():
     (lambda s, t, y: losses.forward_kl(s[0, 0], t[0, 0]), r"\[N, V\] or \[B, T, V\]"),
     (lambda s, t, y: losses.fused_linear_loss(s, t, y, loss="ce"), "loss must be one of"),
     (lambda s, t, y: losses.fused_linear_loss(s, t[0, :, :4], y, loss="cross_entropy"), "same C"),
+    (lambda s, t, y: losses.forward_kl(s, t, temperature=np.inf), "temperature must be a finite number > 0, got inf"),
+    (lambda s, t, y: losses.forward_kl(s, t, temperature=1e300, scale_by_t2=True),
+     r"temperature\*\*2 \(scale_by_t2\) overflows float64"),
+    (lambda s, t, y: losses.cross_entropy(s, np.array([[1, 2, 3], [4, 0, 2**64 - 100]], np.uint64)),
+     "targets holds 18446744073709551516, beyond int64"),
+    (lambda s, t, y: losses.kd_loss(s, t, np.array([[1, 2, 3], [4, -5, 7]]), alpha=1.0),
+     r"targets that are not ignore_index must lie in \[0, 5\), got values in \[-5, 7\]"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, alpha=0.5, grad_out=s), "grad_out must not overlap student or teacher"),
+    (lambda s, t, y: losses.reverse_kl(s, t, grad_out=t), "grad_out must not overlap student or teacher"),
+    (lambda s, t, y: losses.fused_linear_loss(s[0], t[0], y[0] % 3, loss="cross_entropy", chunk_rows=2.5),
+     "chunk_rows must be an int >= 1, got 2.5"),
 ])
 def test_bad_input_is_a_clear_error(call, message):
     s, t = logits(51, (2, 3, 5)), logits(52, (2, 3, 5))
     y = np.array([[1, 2, 3], [4, 0, 1]])
     with pytest.raises(ValueError, match=message):
         call(s, t, y)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, t, y: losses.forward_kl(s, t, temperature="2"), "temperature must be a real number, got str '2'"),
+    (lambda s, t, y: losses.generalized_jsd(s, t, beta="0.5"), "beta must be a real number, got str"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, alpha=None), "alpha must be a real number, got NoneType"),
+    (lambda s, t, y: losses.cross_entropy(s, y, label_smoothing=True), "label_smoothing must be a real number"),
+    (lambda s, t, y: losses.forward_kl(s, t, labels=y, ignore_index=np.array([1, 2])),
+     r"ignore_index must be an int, got ndarray"),
+    (lambda s, t, y: losses.cross_entropy(s, y, ignore_index=0.0), "ignore_index must be an int, got float"),
+])
+def test_wrongly_typed_settings_are_a_type_error(call, message):
+    s, t = logits(51, (2, 3, 5)), logits(52, (2, 3, 5))
+    y = np.array([[1, 2, 3], [4, 0, 1]])
+    with pytest.raises(TypeError, match=message):
+        call(s, t, y)
+
+
+def test_numpy_scalar_settings_are_accepted():
+    s, t = logits(53, (2, 3, 5)), logits(54, (2, 3, 5))
+    expected = losses.generalized_jsd(s, t, beta=0.25, temperature=2.0)
+    got = losses.generalized_jsd(s, t, beta=np.float32(0.25), temperature=np.float64(2.0))
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1])
 
 
 def test_integer_logits_are_rejected():
@@ -459,40 +532,63 @@ def test_integer_logits_are_rejected():
         rows("kl", np.zeros((1, 2)), np.zeros((1, 2)))
 
 
-def test_backend_argument_uses_the_named_kernel():
+def test_backend_argument_uses_the_named_kernel(monkeypatch):
+    """backend="numpy" (also the default) runs the numpy backend's loss_rows; an unknown name is an error."""
     s, t = logits(61, (3, 4)), logits(62, (3, 4))
-    np.testing.assert_array_equal(losses.reverse_kl(s, t, backend="numpy")[1], losses.reverse_kl(s, t)[1])
+    calls = spy_on_loss_rows(monkeypatch, "numpy")
+    value, grad = losses.reverse_kl(s, t, backend="numpy")
+    assert calls == ["reverse_kl"]
+    default_value, default_grad = losses.reverse_kl(s, t)
+    assert calls == ["reverse_kl", "reverse_kl"]
+    np.testing.assert_array_equal(value, default_value)
+    np.testing.assert_array_equal(grad, default_grad)
     with pytest.raises(ValueError, match="backend must be one of"):
         losses.reverse_kl(s, t, backend="cuda")
 
 
 @pytest.mark.parametrize("name", ["numba", "opencl"])
-def test_other_backends_agree_with_numpy_float32(name):
-    from refslm.backends import available_backends
+def test_other_backends_run_their_kernel_and_agree_with_the_reference_float32(name, monkeypatch):
+    """kd_loss(backend=name) runs name's loss_rows (opencl: launches device kernels) on float32 logits.
 
+    The result matches the float64 reference on the same float32 inputs to a few float32 eps:
+    values 4 eps relative (measured over 100 inputs like these: numba 4e-16, opencl 1.1 eps);
+    gradients 16 eps of the largest entry (numba 0.8 eps, opencl 10 eps: its kernel computes in
+    float32, and reverse-KL entries are differences of terms about (1 + KL) times larger).
+    """
     if name not in available_backends():
         pytest.skip(f"backend {name} not available")
+    backend = get_backend(name)
     s, t = logits(71, (2, 5, 300), dtype=np.float32), logits(72, (2, 5, 290), dtype=np.float32)
     y = np.random.default_rng(73).integers(0, 300, (2, 5))
+    calls = spy_on_loss_rows(monkeypatch, name)
     for divergence in ("reverse_kl", "jsd"):
-        v, g = losses.kd_loss(s, t, y, divergence=divergence, vocab_policy="truncate", temperature=1.5)
-        v2, g2 = losses.kd_loss(s, t, y, divergence=divergence, vocab_policy="truncate", temperature=1.5, backend=name)
-        assert g2.dtype == np.float32
-        np.testing.assert_allclose(v2, v, rtol=1e-5)
-        np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-7)
+        options = dict(divergence=divergence, vocab_policy="truncate", temperature=1.5)
+        want_value, want_grad = losses.kd_loss(s.astype(np.float64), t.astype(np.float64), y, **options)
+        launches = getattr(backend, "launches", 0)
+        value, grad = losses.kd_loss(s, t, y, **options, backend=name)
+        assert calls == [divergence, "cross_entropy"]  # KD term, then CE term (10 rows: one block)
+        calls.clear()
+        if name == "opencl":
+            assert backend.launches > launches
+        assert grad.dtype == np.float32
+        np.testing.assert_allclose(value, want_value, rtol=4 * EPS32, atol=0)
+        np.testing.assert_allclose(grad, want_grad, rtol=0, atol=16 * EPS32 * np.abs(want_grad).max())
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_kd_loss_is_the_weighted_sum_of_its_terms_across_accumulate_blocks(backend):
+def test_kd_loss_is_the_weighted_sum_of_its_terms_across_accumulate_blocks(backend, monkeypatch):
     """More rows than one accumulation block: the CE term added block by block must equal the sum."""
-    if backend not in __import__("refslm.backends", fromlist=["x"]).available_backends():
+    if backend not in available_backends():
         pytest.skip(f"{backend} backend not available")
     rng = np.random.default_rng(11)
     n, vocab, alpha = 2 * losses.ACCUMULATE_ROWS + 37, 40, 0.3
     student, teacher = rng.standard_normal((2, n, vocab))
     targets = rng.integers(1, vocab, n)
     targets[::7] = 0  # ignored (pad) rows
+    calls = spy_on_loss_rows(monkeypatch, backend)
     value, grad = losses.kd_loss(student, teacher, targets, alpha=alpha, backend=backend)
+    # the KD term on all rows at once, then the CE term once per block of ACCUMULATE_ROWS rows (3 blocks)
+    assert calls == ["reverse_kl"] + ["cross_entropy"] * 3
     kd, g_kd = losses.reverse_kl(student, teacher, labels=targets, ignore_index=0, reduction="batchmean")
     ce, g_ce = losses.cross_entropy(student, targets, ignore_index=0)
     np.testing.assert_allclose(value, alpha * kd + (1 - alpha) * ce, rtol=1e-13)

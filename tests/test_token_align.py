@@ -46,8 +46,30 @@ def test_token_units_group_shared_starts_and_absorb_gaps():
     np.testing.assert_array_equal(spans, [[0, 2], [2, 3]])
     with pytest.raises(ValueError, match="must not decrease"):
         ta.token_units(np.array([[2, 3], [0, 1]]), 3)
-    with pytest.raises(ValueError, match=r"offsets must lie in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"offsets must satisfy 0 <= start <= end <= 3"):
         ta.token_units(np.array([[0, 4]]), 3)
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([[2, 1]], r"0 <= start <= end <= 3, got \[\[2, 1\]\]"),  # end before start
+    ([[0, -1]], r"0 <= start <= end <= 3"),
+    ([[-1, 1]], r"0 <= start <= end <= 3"),
+    ([[0.0, 1.5]], r"token offsets must be an integer array \[n, 2\], got float64 \(1, 2\)"),
+    ([0, 1, 1, 2], r"token offsets must be an integer array \[n, 2\], got int64 \(4,\)"),
+])
+def test_token_units_refuse_bad_offsets(offsets, message):
+    with pytest.raises(ValueError, match=message):
+        ta.token_units(np.array(offsets), 3)
+    with pytest.raises(ValueError, match="text_length must be an int >= 0, got -1"):
+        ta.token_units(np.array([[0, 0]]), -1)
+
+
+def test_no_tokens_give_no_units_and_no_alignment():
+    for empty in ([], np.zeros((0, 2), np.int64)):
+        unit_of, spans = ta.token_units(empty, 3)
+        assert unit_of.shape == (0,) and spans.shape == (0, 2) and unit_of.dtype == spans.dtype == np.int64
+    result = ta.align_offsets("ab", np.zeros((0, 2), np.int64), np.array([[0, 2]]), [], [b"ab"])
+    assert result.teacher_index.shape == (0,) and result.kind == () and result.blocks == ()
 
 
 def test_token_bytes_byte_fallback_metaspace_and_byte_level():
@@ -200,6 +222,9 @@ def test_teacher_token_of_errors():
         ta.teacher_token_of([a], 3)
     with pytest.raises(ValueError, match="kinds must be taken from"):
         ta.teacher_token_of([a], 8, kinds=("exact",))
+    for bad in (-1, 0, 2.0):
+        with pytest.raises(ValueError, match=f"decoder_len must be an int >= 1, got {bad!r}"):
+            ta.teacher_token_of([], bad)
 
 
 # ---------------------------------------------------------------- vocabulary pairs
@@ -233,6 +258,26 @@ def test_empty_text_and_missing_file():
         aligned("")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ta.align_text("x", "/nonexistent/tokenizer.json", wordpiece_tokenizer())
+
+
+def test_text_without_tokens_is_an_error():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # drops whitespace: "   " has no tokens
+    with pytest.raises(ValueError, match="the student tokenizer encodes '   ' to no tokens"):
+        ta.align_text("   ", words, words)
+    with pytest.raises(ValueError, match="the teacher tokenizer encodes '   ' to no tokens"):
+        ta.align_text("   ", bpe_tokenizer(), words)
+
+
+def test_unreadable_tokenizer_paths_name_the_path(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{str(tmp_path)!r} is a directory, not a tokenizer.json file"):
+        ta.load_tokenizer(tmp_path)
+    broken = tmp_path / "tokenizer.json"
+    broken.write_text("{ not json")
+    with pytest.raises(ValueError, match=f"tokenizer file {str(broken)!r} is not a valid tokenizer.json"):
+        ta.load_tokenizer(str(broken))
 
 
 def test_missing_tokenizers_package_is_a_clear_error(monkeypatch):
