@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 ROPE_TYPES = ("default", "linear", "dynamic", "longrope")
 MASK_FILLS = ("finite_min", "-inf")
@@ -22,11 +25,44 @@ class ConfigError(ValueError):
     """A configuration value is out of range or contradicts another one."""
 
 
+def is_int(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite real number; bool and str are not numbers here, nor an int beyond float range."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_positive_int(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def _check_bool(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be True or False, got {value!r}")
+
+
+def _check_number(cfg: Any, name: str, low: int, *, inclusive: bool = False, optional: bool = False) -> None:
+    """cfg.name must be a finite number > low (>= low if inclusive), or None if optional; stored as float."""
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    if not is_finite_number(value) or not (value >= low if inclusive else value > low):
+        expected = f"a finite number {'>=' if inclusive else '>'} {low}{' or None' if optional else ''}"
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be {expected}, got {value!r}")
+    setattr(cfg, name, float(value))
 
 
 @dataclass
@@ -88,29 +124,45 @@ class _AttentionFields:
             raise ConfigError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.rope_factor < 1.0:
-            raise ConfigError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        _check_bool(self, "is_interleaved")
+        _check_number(self, "rope_theta", 0)
+        _check_number(self, "rope_factor", 1, inclusive=True)
+        _check_number(self, "norm_eps", 0)
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ConfigError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        self._validate_dynamic_ntk()
         self._validate_longrope()
         if self.mask_fill not in MASK_FILLS:
             raise ConfigError(f"mask_fill must be one of {MASK_FILLS}, got {self.mask_fill!r}")
-        if self.norm_eps <= 0:
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is None and name == "pad_token_id":
                 continue
-            if not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{name}={value} must be in [0, vocab_size={self.vocab_size})")
+            if not is_int(value) or not 0 <= value < self.vocab_size:
+                none = " or None" if name == "pad_token_id" else ""
+                raise ConfigError(f"{type(self).__name__}.{name} must be an int in [0, vocab_size="
+                                  f"{self.vocab_size}){none}, got {value!r}")
+
+    def _validate_dynamic_ntk(self) -> None:
+        """Dynamic NTK (ops.rope_theta_for_length) scales theta by (factor L / block_size - (factor - 1))^(D / (D - 2)):
+        defined for D > 2, and exactly theta at L = block_size in float64 only while factor - 1 is exact
+        (factor < 2^53; beyond, the base collapses to 0 or 2)."""
+        if self.rope_type != "dynamic" or self.rope_factor <= 1.0:
+            return
+        if self.resolved_head_dim <= 2:
+            raise ConfigError(f"rope_type 'dynamic' with rope_factor > 1 needs head_dim > 2 (the NTK base exponent is "
+                              f"D / (D - 2)), got head_dim={self.resolved_head_dim}")
+        if self.rope_factor >= 2.0**53:
+            raise ConfigError(f"rope_factor must be < 2^53 for rope_type 'dynamic' (the NTK base cancels to 0 or 2 in "
+                              f"float64 beyond), got {self.rope_factor!r}")
 
     def _validate_longrope(self) -> None:
-        """longrope needs both factor vectors (D/2 positive finite numbers, stored as float tuples) and
-        rope_original_max_position; the other RoPE types must leave the longrope fields None."""
+        """longrope needs both factor vectors (lists, tuples or 1-D arrays of D/2 finite numbers > 0,
+        stored as float tuples) and rope_original_max_position (>= 2 when the attention factor is
+        derived from block_size / rope_original_max_position > 1: its formula divides by the log of
+        it); the other RoPE types must leave the longrope fields None."""
         names = ("rope_short_factor", "rope_long_factor", "rope_original_max_position")
         if self.rope_type != "longrope":
             set_fields = [n for n in (*names, "rope_attention_factor") if getattr(self, n) is not None]
@@ -122,20 +174,18 @@ class _AttentionFields:
         half = self.resolved_head_dim // 2
         for name in names[:2]:
             value = getattr(self, name)
-            try:
-                factors = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must be a sequence of {half} numbers, got {value!r}") from None
-            if len(factors) != half or not all(math.isfinite(v) and v > 0 for v in factors):
+            items = value.tolist() if isinstance(value, np.ndarray) else value
+            if not isinstance(items, list | tuple):  # a str is no sequence of factors
+                raise ConfigError(f"{name} must be a sequence of {half} numbers (list or tuple), got {value!r}")
+            if len(items) != half or not all(is_finite_number(v) and v > 0 for v in items):
                 raise ConfigError(f"{name} must hold head_dim/2 = {half} finite numbers > 0, got {value!r}")
-            setattr(self, name, factors)
+            setattr(self, name, tuple(float(v) for v in items))
         _check_positive_int(self, "rope_original_max_position")
-        factor = self.rope_attention_factor
-        if factor is not None:
-            if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor) \
-                    or factor <= 0:
-                raise ConfigError(f"rope_attention_factor must be a finite number > 0 or None, got {factor!r}")
-            self.rope_attention_factor = float(factor)
+        _check_number(self, "rope_attention_factor", 0, optional=True)
+        if self.rope_attention_factor is None and self.rope_original_max_position == 1 and self.block_size > 1:
+            raise ConfigError(f"rope_original_max_position=1 < block_size={self.block_size} leaves the derived "
+                              "rope_attention_factor sqrt(1 + log(block_size / original) / log(original)) undefined; "
+                              "set rope_attention_factor, or rope_original_max_position >= 2")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -192,6 +242,7 @@ class DecoderOnlyConfig(_AttentionFields):
             self.attention_bias = self.layout == "mu"
         if self.mlp_bias is None:
             self.mlp_bias = self.layout == "mu"
+        _check_bool(self, "attention_bias", "mlp_bias", "tie_word_embeddings")
         self._validate_common()
         _check_positive_int(self, "n_layer")
 

@@ -31,7 +31,7 @@ import numpy as np
 from . import ops
 from .backends import BackendUnavailable
 from .resources import golden_dir
-from .safetensors_io import read_safetensors
+from .safetensors_io import read_json_file, read_safetensors
 
 DTYPES = ("float32", "float64")
 OK, NOT_OK = "OK", "NOT OK"
@@ -82,11 +82,9 @@ def load_manifest(directory: str | Path | None = None) -> list[GoldenCase]:
     root = Path(directory) if directory is not None else golden_dir()
     path = root / "manifest.json"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path, GoldenError)  # a regular UTF-8 JSON file (never blocks on a FIFO)
     except FileNotFoundError:
         raise GoldenError(f"no golden manifest at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # a directory, not UTF-8, not JSON
-        raise GoldenError(f"{path} is not a readable JSON file: {exc}") from None
     if not isinstance(data, dict) or data.get("format_version") != 1 or not isinstance(data.get("cases"), list):
         raise GoldenError(f"{path}: expected an object with format_version 1 and a 'cases' list")
     cases = []

@@ -239,7 +239,9 @@ def from_params(config: Config, params: dict[str, np.ndarray], dtype: str = "flo
                 backend: str | Backend = "numpy") -> Model:
     """A model from host arrays under the canonical names (see `param_shapes`), cast to dtype.
 
-    Missing, unexpected and misshaped names are all listed in one ParameterError.
+    Missing, unexpected and misshaped names are all listed in one ParameterError. A non-float
+    parameter, or one that is not finite after the cast to dtype (NaN / inf, or a float64 value
+    beyond the float32 range), is a ParameterError naming it.
     """
     be = get_backend(backend)
     dtype = _check_dtype(dtype, be)
@@ -257,7 +259,12 @@ def from_params(config: Config, params: dict[str, np.ndarray], dtype: str = "flo
         array = np.asarray(params[name])
         if array.dtype.kind != "f":
             raise ParameterError(f"parameter {name} must be a float array, got dtype {array.dtype}")
-        host[name] = np.ascontiguousarray(array, dtype=dtype)
+        with np.errstate(over="ignore"):  # reported below
+            host[name] = np.ascontiguousarray(array, dtype=dtype)
+        if not np.isfinite(host[name]).all():
+            cause = ("holds NaN or inf" if not np.isfinite(array).all()
+                     else f"overflows {dtype} (a value of magnitude {np.max(np.abs(array)):.3g})")
+            raise ParameterError(f"parameter {name} {cause}; parameters must be finite")
     return Model(config, host, dtype, be)
 
 

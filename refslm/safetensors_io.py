@@ -12,6 +12,7 @@ NumPy has no bfloat16: BF16 tensors are always decoded here (exactly, to float32
 16 stored bits into the high half of a float32) and encoded here (round to nearest, ties to even),
 because `safetensors.numpy` refuses them. Every file's header is parsed and validated by this
 module, whichever implementation then reads the tensor bytes, so errors read the same either way.
+Only regular files are read (a FIFO would block, a directory or device is refused by name).
 Nothing is unpickled or evaluated.
 """
 
@@ -21,9 +22,11 @@ import importlib.util
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -120,6 +123,35 @@ def _float32_round_to_odd(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- header
 
 
+def open_regular_file(path: str | os.PathLike, error: type[Exception] = SafetensorsError) -> BinaryIO:
+    """Open path for reading bytes; raise `error` naming it unless it is a regular file (or a link to one).
+
+    The check is made on the opened descriptor, opened without blocking: a FIFO would otherwise hang
+    the reader, and a directory or device is no file to parse. A missing path raises FileNotFoundError.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+            raise error(f"{path}: expected a regular file, found {kind}")
+        return os.fdopen(fd, "rb")  # O_NONBLOCK does not affect reads of regular files
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception]) -> object:
+    """The JSON value in a regular UTF-8 file (`open_regular_file`); `error` naming the file otherwise."""
+    with open_regular_file(path, error) as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     seen: dict = {}
     for key, value in pairs:
@@ -170,10 +202,12 @@ def _check_coverage(tensors: list[TensorInfo], data_bytes: int) -> None:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of a safetensors file against the file's size."""
+    """Parse and validate the header of a safetensors file against the file's size.
+
+    The path must be a regular file (SafetensorsError otherwise, see open_regular_file)."""
     path = Path(path)
-    file_size = path.stat().st_size
-    with path.open("rb") as f:
+    with open_regular_file(path) as f:
+        file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise SafetensorsError(f"{path}: {file_size} bytes is too short for a safetensors file (needs 8 + header)")
@@ -184,7 +218,7 @@ def read_header(path: str | os.PathLike) -> Header:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise SafetensorsError(f"{path}: header is not valid UTF-8 JSON ({exc})") from None
     except SafetensorsError as exc:
         raise SafetensorsError(f"{path}: {exc}") from None

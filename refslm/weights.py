@@ -16,15 +16,23 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig
+from .config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig, is_finite_number, is_int
 from .models import ParameterError, from_params
 from .ops import longrope_attention_factor
-from .safetensors_io import FLOAT_STORAGE, SafetensorsError, read_header, read_safetensors, write_safetensors
+from .safetensors_io import (
+    FLOAT_STORAGE,
+    SafetensorsError,
+    read_header,
+    read_json_file,
+    read_safetensors,
+    write_safetensors,
+)
 
 Config = EncoderDecoderConfig | DecoderOnlyConfig
 
@@ -60,10 +68,22 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------- config.json <-> refslm configs
 
 
+def _checked(key: str, value: Any, expected: str, valid: Callable[[Any], bool]) -> Any:
+    """value if valid(value), else a CheckpointError naming config.json's key and what was expected."""
+    if not valid(value):
+        raise CheckpointError(f"config.json: {key} must be {expected}, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return is_int(value) and value > 0
+
+
 def hf_layout(data: dict[str, Any]) -> str | None:
     """'llama' | 'phi3' for a Hugging Face config.json, None for a Mu one; raises for other HF models."""
-    architectures = data.get("architectures") or []
-    model_type = data.get("model_type")
+    architectures = _checked("architectures", data.get("architectures"), "a list of strings",
+                             lambda v: v is None or isinstance(v, list) and all(isinstance(a, str) for a in v)) or []
+    model_type = _checked("model_type", data.get("model_type"), "a string", lambda v: v is None or isinstance(v, str))
     for arch in architectures:
         if arch in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[arch]
@@ -84,32 +104,42 @@ def hf_rope(data: dict[str, Any], layout: str) -> dict[str, Any]:
     (the top-level key wins, as in transformers; else the RoPE dict's; else 4096 for Phi-3 and
     max_position_embeddings for Llama).
     """
-    params = data.get("rope_parameters")
-    if params is None:
-        params = dict(data.get("rope_scaling") or {})
-        params.setdefault("rope_theta", data.get("rope_theta", 10000.0))
+    params, where = data.get("rope_parameters"), "rope_parameters"
+    if params is None:  # transformers 4
+        params = _checked("rope_scaling", data.get("rope_scaling"), "null or an object",
+                          lambda v: v is None or isinstance(v, dict)) or {}
+        where = "rope_scaling"
     elif not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
         raise CheckpointError(f"config.json: rope_parameters must be one flat dict, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    rope_type = {"su": "longrope"}.get(rope_type, rope_type)  # early Phi-3 configs name longrope "su"
+    if rope_type == "su":  # early Phi-3 configs name longrope "su"
+        rope_type = "longrope"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise CheckpointError(f"config.json: RoPE type {rope_type!r} is not supported (supported: "
                               f"{SUPPORTED_ROPE_TYPES}; llama3, yarn are not implemented)")
     if params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
-    fields = {"rope_theta": float(params.get("rope_theta", data.get("rope_theta", 10000.0))), "rope_type": rope_type,
-              "rope_factor": 1.0 if rope_type in ("default", "longrope") else float(params.get("factor", 1.0))}
+    theta = _checked(f"{where}.rope_theta" if "rope_theta" in params else "rope_theta",
+                     params.get("rope_theta", data.get("rope_theta", 10000.0)), "a finite number", is_finite_number)
+    factor = _checked(f"{where}.factor", params.get("factor"), "a finite number or null",
+                      lambda v: v is None or is_finite_number(v))
+    fields = {"rope_theta": float(theta), "rope_type": rope_type,
+              "rope_factor": 1.0 if rope_type in ("default", "longrope") or factor is None else float(factor)}
     if rope_type == "longrope":
         missing = [k for k in ("short_factor", "long_factor") if k not in params]
         if missing:
             raise CheckpointError(f"config.json: longrope RoPE parameters lack {missing}")
-        original = data.get("original_max_position_embeddings", params.get(
-            "original_max_position_embeddings", HF_DEFAULTS[layout]["original_max_position_embeddings"]))
+        key = "original_max_position_embeddings"
+        original = data.get(key, params.get(key, HF_DEFAULTS[layout][key]))
         if original is None:
             original = data.get("max_position_embeddings", HF_DEFAULTS[layout]["max_position_embeddings"])
+        _checked(key, original, "a positive int", _positive_int)
         attention_factor = params.get("attention_factor")
-        if attention_factor is None and params.get("factor") is not None and isinstance(original, int):
-            attention_factor = longrope_attention_factor(float(params["factor"]), original)
+        if attention_factor is None and factor is not None:
+            if factor > 1 and original == 1:
+                raise CheckpointError(f"config.json: {where}.attention_factor cannot be derived from factor={factor} "
+                                      f"with {key}=1 (sqrt(1 + log(factor) / log(1)) is undefined)")
+            attention_factor = longrope_attention_factor(float(factor), original)
         fields.update(rope_short_factor=params["short_factor"], rope_long_factor=params["long_factor"],
                       rope_original_max_position=original, rope_attention_factor=attention_factor)
     return fields
@@ -126,7 +156,12 @@ def _token_id(data: dict[str, Any], name: str, layout: str) -> int | None:
         value = value[0] if value else None
     if value is None:
         return None if name == "pad_token_id" else 0
-    return int(value)
+    return _checked(name, value, "an int, a list of ints or null", is_int)
+
+
+def _hf_bool(data: dict[str, Any], name: str) -> bool:
+    """A true / false key, false when absent (a string such as "false" is an error, not true)."""
+    return _checked(name, data.get(name, False), "true or false", lambda v: isinstance(v, bool))
 
 
 def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
@@ -134,10 +169,13 @@ def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
     missing = [k for k in HF_REQUIRED if k not in data]
     if missing:
         raise CheckpointError(f"config.json: Hugging Face {layout} config lacks {missing}")
+    defaults = HF_DEFAULTS[layout]
     if data.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json: hidden_act {data['hidden_act']!r} is not supported (only 'silu')")
-    window = data.get("sliding_window")
-    max_positions = data.get("max_position_embeddings", HF_DEFAULTS[layout]["max_position_embeddings"])
+    window = _checked("sliding_window", data.get("sliding_window"), "a positive int or null",
+                      lambda v: v is None or _positive_int(v))
+    max_positions = data.get("max_position_embeddings", defaults["max_position_embeddings"])
+    _checked("max_position_embeddings", max_positions, "a positive int", _positive_int)
     if window is not None and window < max_positions:
         raise CheckpointError(f"config.json: sliding_window={window} < max_position_embeddings={max_positions} "
                               "is not supported (sliding-window attention is not implemented)")
@@ -146,16 +184,18 @@ def config_from_hf(data: dict[str, Any], layout: str) -> DecoderOnlyConfig:
         return DecoderOnlyConfig(
             layout=layout, n_layer=data["num_hidden_layers"], n_embd=data["hidden_size"], qkv_embd=None,
             hidden_dim=data["intermediate_size"], n_head=data["num_attention_heads"],
-            n_kv_head=data.get("num_key_value_heads") or data["num_attention_heads"],
+            n_kv_head=data["num_attention_heads"] if data.get("num_key_value_heads") is None
+            else data["num_key_value_heads"],
             head_dim=data.get("head_dim") if is_llama else None, is_interleaved=True,
             block_size=max_positions, **hf_rope(data, layout), rope_layout="rotate_half", vocab_size=data["vocab_size"],
             pad_token_id=_token_id(data, "pad_token_id", layout), bos_token_id=_token_id(data, "bos_token_id", layout),
             eos_token_id=_token_id(data, "eos_token_id", layout),
-            norm_eps=data.get("rms_norm_eps", HF_DEFAULTS[layout]["rms_norm_eps"]),
+            norm_eps=_checked("rms_norm_eps", data.get("rms_norm_eps", defaults["rms_norm_eps"]), "a finite number",
+                              is_finite_number),
             mask_fill=data.get("mask_fill", "-inf"),
-            attention_bias=bool(data.get("attention_bias", False)) and is_llama,
-            mlp_bias=bool(data.get("mlp_bias", False)) and is_llama,
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)))
+            attention_bias=is_llama and _hf_bool(data, "attention_bias"),
+            mlp_bias=is_llama and _hf_bool(data, "mlp_bias"),
+            tie_word_embeddings=_hf_bool(data, "tie_word_embeddings"))
     except ConfigError as exc:
         raise CheckpointError(f"config.json: {exc}") from None
 
@@ -253,10 +293,11 @@ def _shard_files(directory: Path) -> dict[str, list[str] | None]:
         return {WEIGHTS_FILE: None}
     if not index.exists():
         raise FileNotFoundError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc!r})") from None
+    data = read_json_file(index, CheckpointError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a safetensors index: expected a JSON object whose weight_map is an "
+                              f"object (tensor name -> shard file name), got {data!r:.80}")
     shards: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
@@ -326,7 +367,7 @@ def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str
     if tied and TIED_HEAD in tensors:
         embed = tensors.get(embed_name)
         head = tensors[TIED_HEAD]
-        if embed is None or embed.shape != head.shape or not np.array_equal(embed, head):
+        if embed is None or embed.shape != head.shape or not np.array_equal(embed, head, equal_nan=True):
             raise CheckpointError(f"the head is tied to {embed_name} but {TIED_HEAD} is stored with different "
                                   "values (or shape); store it once, or set tie_word_embeddings=false")
         tensors = {n: t for n, t in tensors.items() if n != TIED_HEAD}
@@ -339,23 +380,22 @@ def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str
 def load(directory: str | os.PathLike, dtype: str = "float32", backend: Any = "numpy"):
     """config.json + model.safetensors (or its sharded index) -> refslm model computing in `dtype`.
 
-    Raises FileNotFoundError for missing files, CheckpointError (a ValueError) for a corrupt file,
-    an unsupported or contradictory config, or missing / unexpected / misshaped tensors (all listed).
+    Raises FileNotFoundError for missing files, CheckpointError (a ValueError) for a corrupt file or
+    one that is not a regular file (a directory, a FIFO), an unsupported or contradictory config,
+    missing / unexpected / misshaped tensors (all listed), or a parameter that is not finite in `dtype`.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a checkpoint is config.json + {WEIGHTS_FILE})")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    data = read_json_file(config_path, CheckpointError)
     try:
         config = config_from_dict(data)
         params = canonical_params(config, read_tensors(directory))
-        return from_params(config, params, dtype=dtype, backend=backend)
+        model = from_params(config, params, dtype=dtype, backend=backend)
     except (SafetensorsError, ParameterError, CheckpointError) as exc:
         raise CheckpointError(f"{directory}: {exc}") from None
+    return model
 
 
 def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None) -> None:

@@ -273,7 +273,7 @@ def test_regenerating_gives_identical_files(tmp_path):
 @pytest.mark.parametrize("manifest,message", [
     (b"[1]", "expected an object with format_version 1"),
     (b'{"format_version": 1, "cases": [3]}', "every entry of 'cases' must be an object, got 3"),
-    (b"\xff\xfe", "is not a readable JSON file"),
+    (b"\xff\xfe", "manifest.json: not valid JSON"),
 ])
 def test_cli_bad_manifest_is_exit_2_with_the_reason(tmp_path, capsys, manifest, message):
     (tmp_path / "manifest.json").write_bytes(manifest)
@@ -291,3 +291,9 @@ def test_cli_unusable_backend_and_unwritable_export_are_exit_2(tmp_path, capsys,
     (tmp_path / "file").write_text("")
     assert main(["golden", "export", "--format", "npz", "--case", "op_linear_*", str(tmp_path / "file" / "x")]) == 2
     assert "refslm golden export: error:" in capsys.readouterr().err
+
+
+def test_manifest_that_is_a_directory_is_exit_2(tmp_path, capsys):
+    (tmp_path / "manifest.json").mkdir()
+    assert main(["verify", "--golden", str(tmp_path)]) == 2
+    assert "manifest.json: expected a regular file, found a directory" in capsys.readouterr().err

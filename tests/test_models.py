@@ -442,3 +442,16 @@ def test_decode_past_the_start_needs_every_token_for_the_key_mask():
     model = models.init(tiny_decoder_only(), seed=0, dtype="float64")
     with pytest.raises(ValueError, match=r"decode at start=2 needs mask_ids or attention_mask \[B, start\+T\]"):
         model.decode(np.array([[5, 6]]), start=2)
+
+
+def test_from_params_refuses_non_finite_parameters():
+    cfg = tiny_decoder_only(layout="llama")
+    params = dict(models.init(cfg, dtype="float64").params)
+    params["model.norm.weight"] = params["model.norm.weight"].copy()
+    params["model.norm.weight"][3] = 1e300  # finite in float64, inf in float32
+    models.from_params(cfg, params, dtype="float64")
+    with pytest.raises(models.ParameterError, match=r"norm.weight overflows float32 \(a value of magnitude 1e\+300\)"):
+        models.from_params(cfg, params, dtype="float32")
+    params["model.norm.weight"][3] = np.nan
+    with pytest.raises(models.ParameterError, match="parameter model.norm.weight holds NaN or inf"):
+        models.from_params(cfg, params, dtype="float64")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -216,6 +218,7 @@ CORRUPT = {
     "not json": (_with_header(b"{abc"), "not valid UTF-8 JSON"),
     "not utf-8": (_with_header(b'{"\xff":1}'), "not valid UTF-8 JSON"),
     "not an object": (_raw_file([1], b""), "must be a JSON object"),
+    "nested too deeply": (_with_header(b"[" * 200_000), "not valid UTF-8 JSON"),  # json's RecursionError
     "duplicate key": (_with_header(b'{"a":{},"a":{}}'), "duplicate key 'a'"),
     "bad metadata": (_raw_file({"__metadata__": {"k": 3}}, b""), "__metadata__ must map strings"),
     "unknown dtype": (_raw_file({"w": _entry("F8", [1], 0, 1)}, b"\x00"), "'w': unsupported dtype 'F8'"),
@@ -250,3 +253,54 @@ def test_truncated_real_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(SafetensorsError, match="truncated"):
         sio.read_safetensors(path)
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+
+
+def error_without_blocking(call, fifo, seconds: float = 10.0) -> BaseException | None:
+    """The exception call() raises (None if none); fails the test, instead of hanging it, if call()
+    blocks opening the FIFO `fifo` (then released by opening and closing its write end)."""
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting: this releases it
+        thread.join(seconds)
+        pytest.fail(f"reading {fifo} blocked (a FIFO must be refused, not opened for a blocking read)")
+    return outcome[0]
+
+
+@needs_fifo
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    error = error_without_blocking(lambda: sio.read_safetensors(fifo), fifo)
+    assert isinstance(error, SafetensorsError)
+    assert str(error) == f"{fifo}: expected a regular file, found a FIFO, socket or device"
+
+
+def test_directory_and_device_are_refused(tmp_path):
+    """A directory raised a bare IsADirectoryError; a device is no file to parse."""
+    with pytest.raises(SafetensorsError, match=f"{tmp_path}: expected a regular file, found a directory"):
+        sio.read_header(tmp_path)
+    if os.path.exists(os.devnull) and os.name == "posix":
+        with pytest.raises(SafetensorsError, match="expected a regular file, found a FIFO, socket or device"):
+            sio.read_safetensors(os.devnull)
+    with pytest.raises(FileNotFoundError):
+        sio.read_header(tmp_path / "missing.safetensors")
+
+
+def test_link_to_a_regular_file_is_read(tmp_path):
+    sio.write_safetensors(tmp_path / "t.safetensors", {"a": np.arange(3.0)})
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "t.safetensors")
+    np.testing.assert_array_equal(sio.read_safetensors(tmp_path / "link.safetensors")["a"], np.arange(3.0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
+from test_safetensors_io import error_without_blocking, needs_fifo
 
 import refslm
 from refslm import models
@@ -302,6 +304,164 @@ def test_save_rejects_what_hugging_face_cannot_express(tmp_path):
         save(phi3, tmp_path)
     with pytest.raises(ValueError, match="storage"):
         save(phi3, tmp_path, storage="int8")
+
+
+# ---------------------------------------------------------------- config.json value types
+
+LONGROPE_SCALING = {"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}  # head_dim 12
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"rope_theta": "abc"}, "rope_theta must be a finite number, got 'abc'"),
+    ({"rope_theta": "1e4"}, "rope_theta must be a finite number, got '1e4'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": True}}, "rope_parameters.rope_theta must be a finite"),
+    ({"rope_scaling": {"type": "linear", "factor": "two"}}, "rope_scaling.factor must be a finite number or null"),
+    ({"rope_scaling": {"type": "dynamic", "factor": float("nan")}}, "rope_scaling.factor must be a finite number"),
+    ({"rope_scaling": [["type", "linear"], ["factor", 2.0]]}, "rope_scaling must be null or an object"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be null or an object, got 'linear'"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number, got nan"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number"),
+    ({"sliding_window": "10"}, "sliding_window must be a positive int or null, got '10'"),
+    ({"max_position_embeddings": 32.0}, "max_position_embeddings must be a positive int, got 32.0"),
+    ({"eos_token_id": "eos"}, "eos_token_id must be an int, a list of ints or null, got 'eos'"),
+    ({"eos_token_id": 2.7}, "eos_token_id must be an int, a list of ints or null, got 2.7"),
+    ({"eos_token_id": [2.7, 3]}, "eos_token_id must be an int"),
+    ({"pad_token_id": True}, "pad_token_id must be an int"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"attention_bias": "false"}, "attention_bias must be true or false"),
+    ({"mlp_bias": 0}, "mlp_bias must be true or false"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of strings"),
+    ({"model_type": ["llama"]}, "model_type must be a string"),
+    ({"num_key_value_heads": 0}, "n_kv_head must be a positive int, got 0"),
+    ({"rope_scaling": {**LONGROPE_SCALING, "factor": 2.0}, "original_max_position_embeddings": 1},
+     r"rope_scaling.attention_factor cannot be derived from factor=2.0 with original_max_position_embeddings=1"),
+    ({"rope_scaling": {**LONGROPE_SCALING, "factor": 2.0}, "original_max_position_embeddings": "16"},
+     "original_max_position_embeddings must be a positive int, got '16'"),
+    ({"rope_scaling": LONGROPE_SCALING, "original_max_position_embeddings": 1},
+     "rope_original_max_position=1 < block_size=32 leaves the derived rope_attention_factor"),
+])
+def test_hf_config_bad_values_name_the_key(extra, message):
+    """Each raised a bare AttributeError / ValueError / ZeroDivisionError, or was taken (2.7 as 2, "false" as true)."""
+    with pytest.raises(CheckpointError, match=f"config.json: .*{message}"):
+        config_from_dict(hf_llama(**extra))
+
+
+def test_hf_config_valid_values_still_map():
+    config = config_from_dict(hf_llama(rope_theta=20000, num_key_value_heads=None, sliding_window=None,
+                                       rope_parameters={"rope_type": "linear", "factor": 2}))
+    assert (config.rope_theta, config.rope_factor, config.n_kv_head) == (20000.0, 2.0, 4)
+    phi3 = config_from_dict({**hf_llama(), "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                             "head_dim": None, "attention_bias": "ignored by Phi-3"})
+    assert phi3.attention_bias is False
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"is_interleaved": "false"}, "is_interleaved must be True or False, got 'false'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be True or False"),
+    ({"norm_eps": float("nan")}, "norm_eps must be a finite number > 0, got nan"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a finite number > 0, got inf"),
+    ({"rope_factor": "2"}, "rope_factor must be a finite number >= 1"),
+    ({"pad_token_id": 0.5}, r"pad_token_id must be an int in \[0, vocab_size=512\) or None, got 0.5"),
+])
+def test_mu_config_json_bad_values_are_named(change, message):
+    """A Mu config.json with "is_interleaved": "false" loaded with the other GQA head order."""
+    with pytest.raises(CheckpointError, match=f"config.json: .*{message}"):
+        config_from_dict({**tiny_decoder_only().to_dict(), **change})
+
+
+# ---------------------------------------------------------------- files that are not what they should be
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b'{"n_layer": "\xff"}', "not valid JSON .*utf-8"),
+    (b"[" * 200_000, "not valid JSON .*recursion"),
+])
+def test_config_json_must_be_utf8_json(tmp_path, originals, raw, message):
+    save(originals["mu-decoder-only"], tmp_path)
+    (tmp_path / "config.json").write_bytes(raw)
+    with pytest.raises(CheckpointError, match=f"config.json: {message}"):
+        refslm.load(tmp_path)
+
+
+def _sharded(directory, model) -> str:
+    """Save model as one shard model-00001-of-00001.safetensors plus its index; -> the shard's name."""
+    save(model, directory)
+    shard = "model-00001-of-00001.safetensors"
+    os.replace(directory / "model.safetensors", directory / shard)
+    names = sio.read_header(directory / shard).tensors
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    return shard
+
+
+@pytest.mark.parametrize("index,message", [
+    (b'{"weight_map": []}', "weight_map is an object"),
+    (b'{"weight_map": "model.safetensors"}', "weight_map is an object"),
+    (b'"weight_map"', "weight_map is an object"),
+    (b"{}", "weight_map is an object"),
+    (b'{"weight_map": {"\xff": 1}}', "not valid JSON .*utf-8"),
+    (b"[" * 200_000, "not valid JSON .*recursion"),
+])
+def test_bad_shard_index_is_named(tmp_path, originals, index, message):
+    _sharded(tmp_path, originals["mu-decoder-only"])
+    (tmp_path / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: .*{message}"):
+        refslm.load(tmp_path)
+
+
+def _replace(directory, file: str, kind: str):
+    path = directory / file
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    return path
+
+
+SINGLE, SHARDED = ("config.json", "model.safetensors"), ("model.safetensors.index.json", "shard")
+
+
+@pytest.mark.parametrize("kind", [pytest.param("fifo", marks=needs_fifo), "directory"])
+@pytest.mark.parametrize("file", SINGLE + SHARDED)
+def test_checkpoint_file_that_is_not_a_regular_file(tmp_path, originals, file, kind):
+    """A FIFO hung load() forever; a directory raised a bare IsADirectoryError."""
+    model = originals["mu-decoder-only"]
+    shard = _sharded(tmp_path, model) if file in SHARDED else save(model, tmp_path)
+    path = _replace(tmp_path, shard if file == "shard" else file, kind)
+    error = error_without_blocking(lambda: refslm.load(tmp_path), path)
+    assert isinstance(error, CheckpointError)
+    assert f"{path}: expected a regular file, found {'a directory' if kind == 'directory' else 'a FIFO'}" in str(error)
+
+
+# ---------------------------------------------------------------- weights that are not finite
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused(tmp_path, originals, value):
+    """They loaded silently and every logit was NaN."""
+    save(originals["mu-decoder-only"], tmp_path, storage="float32")
+    _rewrite(tmp_path, lambda t: t["transformer.h.1.mlp.fc1.weight"].__setitem__((3, 4), value))
+    for dtype in ("float32", "float64"):
+        with pytest.raises(CheckpointError, match="transformer.h.1.mlp.fc1.weight holds NaN or inf"):
+            refslm.load(tmp_path, dtype=dtype)
+
+
+def test_float64_weights_beyond_float32_are_refused_in_float32(tmp_path, originals):
+    """1e300 cast to float32 is inf: a float64 file loaded in float32 gave NaN logits."""
+    save(originals["mu-decoder-only"], tmp_path, storage="float64")
+    _rewrite(tmp_path, lambda t: t["transformer.ln_f.weight"].__setitem__(5, 1e300))
+    with pytest.raises(CheckpointError, match="transformer.ln_f.weight overflows float32 .*1e\\+300"):
+        refslm.load(tmp_path, dtype="float32")
+    assert np.isfinite(logits(refslm.load(tmp_path, dtype="float64"))).all()  # representable in float64
+
+
+def test_tied_head_holding_nan_is_reported_as_nan(tmp_path, originals):
+    save(originals["mu-encoder-decoder"], tmp_path)
+
+    def nan_in_both(t):
+        t["transformer.wte.weight"][7, 0] = np.nan
+        t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+
+    _rewrite(tmp_path, nan_in_both)
+    with pytest.raises(CheckpointError, match="transformer.wte.weight holds NaN or inf"):
+        refslm.load(tmp_path)
 
 
 # ---------------------------------------------------------------- transformers reads what refslm writes
