@@ -30,9 +30,14 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_real(value: Any) -> bool:
+    """A real number, Python or NumPy (int or float), not a bool (the predicate every numeric check uses)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def is_finite_number(value: Any) -> bool:
     """A finite real number; bool and str are not numbers here, nor an int beyond float range."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not is_real(value):
         return False
     try:
         return math.isfinite(value)

@@ -4,7 +4,8 @@ SPEC.md section "Losses" is the normative text; `loss_rows` is the per-row kerne
 implements. Three forms compute the same numbers:
 - direct: whole rows in memory (`loss_rows`, the definition);
 - streaming: online logsumexp over vocabulary chunks, never more than chunk_rows x chunk_vocab
-  temporaries (`loss_rows_streaming`);
+  temporaries (the `chunk_size` option of every loss; `loss_rows_streaming` is the same for one
+  `loss_rows` call);
 - fused: hidden states and the output projection in, [N, V] logits never materialised
   (`fused_linear_loss`).
 
@@ -21,10 +22,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .ops import check_float
+from .config import is_real
+from .ops import check_float, check_index
 
 KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 NEG_INF = -np.inf
+INT64_MIN = int(np.iinfo(np.int64).min)  # ignore_index may be any int64 (TRL: -100)
 ACCUMULATE_ROWS = 256  # rows per block when a second loss term adds into the gradient (_evaluate_direct)
 
 
@@ -476,19 +479,12 @@ def _check_ids(name: str, ids, leading: tuple[int, ...]) -> np.ndarray:
     return ids.reshape(-1).astype(np.int64, copy=False)
 
 
-def _check_index(name: str, x) -> int:
-    """An int (not bool) argument such as ignore_index."""
-    if not isinstance(x, numbers.Integral) or isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
-    return int(x)
-
-
 def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.ndarray | None:
     """[N] bool of the rows that count (mask True, or labels != ignore_index), or None when unmasked."""
     if mask is not None and labels is not None:
         raise ValueError("give mask or labels, not both")
     if labels is not None:
-        return _check_ids("labels", labels, leading) != _check_index("ignore_index", ignore_index)
+        return _check_ids("labels", labels, leading) != check_index("ignore_index", ignore_index, INT64_MIN)
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -520,7 +516,7 @@ def row_weights(leading: tuple[int, ...], kept: np.ndarray | None, reduction: st
 
 def _check_real(name: str, x) -> float:
     """A real-number argument (Python or NumPy scalar, not bool) -> float."""
-    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+    if not is_real(x):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
     return float(x)
 
@@ -686,7 +682,7 @@ def cross_entropy(student, targets, *, ignore_index: int = -100, label_smoothing
     """
     leading, _ = _check_student(student)
     targets = _check_ids("targets", targets, leading)
-    weights = row_weights(leading, targets != _check_index("ignore_index", ignore_index), reduction, 1.0)
+    weights = row_weights(leading, targets != check_index("ignore_index", ignore_index, INT64_MIN), reduction, 1.0)
     term = LossTerm("cross_entropy", weights, student.shape[-1],
                     label_smoothing=_check_fraction("label_smoothing", label_smoothing))
     plan = LossPlan((term,), None, targets, leading, reduction == "none")
@@ -768,7 +764,7 @@ def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | 
     leading, vocab = _check_student(student)
     alpha = _check_fraction("alpha", alpha)
     targets = _check_ids("targets", targets, leading)
-    kept = targets != _check_index("ignore_index", ignore_index)
+    kept = targets != check_index("ignore_index", ignore_index, INT64_MIN)
     if kept.any() and not (0 <= targets[kept].min() and targets[kept].max() < vocab):  # checked even at alpha 1
         raise ValueError(f"targets that are not ignore_index must lie in [0, {vocab}), got values in "
                          f"[{targets[kept].min()}, {targets[kept].max()}]")

@@ -1,7 +1,9 @@
 """The NumPy reference ops: small pure functions, shapes in their docstrings.
 
 Every function computes in the floating dtype of its inputs (float32 or float64); SPEC.md section
-"Ops" is the normative definition. Nothing here imports an optional package.
+"Ops" is the normative definition. Nothing here imports an optional package. Bad arguments raise
+TypeError / ValueError naming them, from the check_* functions beside each op, which every backend
+calls too (so all backends reject the same input with the same message).
 
 Shape letters: B batch, T time (Tq queries, Tk keys), C model width, H heads (Hq query heads,
 Hkv key/value heads), D head_dim, V vocabulary, F MLP hidden width.
@@ -10,38 +12,81 @@ Hkv key/value heads), D head_dim, V vocabulary, F MLP hidden width.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
+
+from .config import MASK_FILLS, ROPE_LAYOUTS, is_real
 
 FLOAT_DTYPES = (np.float32, np.float64)
 GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 
-def check_float(name: str, x: np.ndarray) -> None:
-    """Raise TypeError unless x is a float32 or float64 ndarray."""
-    if not isinstance(x, np.ndarray) or x.dtype.type not in FLOAT_DTYPES:
-        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+# ---------------------------------------------------------------- argument checks
+# Shared by every backend and cheap: shapes, dtypes and scalars only. They read only .shape and .dtype of
+# the arrays they check, so a backend's device arrays pass through them as well as NumPy arrays.
+
+
+def check_float(name: str, x, like=None) -> None:
+    """Raise TypeError unless x is a float32 or float64 array (of like's dtype, when like is given)."""
+    dtype = getattr(x, "dtype", None)
+    if getattr(dtype, "type", None) not in FLOAT_DTYPES or isinstance(x, np.generic) or not hasattr(x, "shape"):
+        got = dtype if dtype is not None and not isinstance(x, np.generic) else type(x).__name__
         raise TypeError(f"{name} must be a float32 or float64 ndarray, got {got}")
+    if like is not None and dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of the other operands ({like.dtype}), got {dtype}")
+
+
+def check_number(name: str, value, minimum: float = 0.0) -> float:
+    """A finite real number > minimum -> float; TypeError / ValueError naming it otherwise."""
+    v = value
+    if type(v) is not float:  # (isinstance against numbers.Real is slow: the common case first)
+        if not is_real(v):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        try:
+            v = float(v)
+        except OverflowError:  # an int beyond float range
+            v = math.inf
+    if not minimum < v < math.inf:  # (False for NaN)
+        raise ValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")
+    return v
+
+
+def check_index(name: str, value, minimum: int = 0) -> int:
+    """An int (Python or NumPy, not bool) >= minimum -> int; TypeError / ValueError naming it otherwise."""
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 # ---------------------------------------------------------------- normalisation and activations
 
 
+def check_rmsnorm(x, weight, eps) -> float:
+    """x [..., C], weight [C] of one float dtype, eps a finite number > 0 -> float(eps)."""
+    check_float("rmsnorm x", x)
+    check_float("rmsnorm weight", weight, like=x)
+    if len(x.shape) < 1 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rmsnorm weight must have shape (C,) for x [..., C], got weight {weight.shape}, x {x.shape}")
+    return check_number("rmsnorm eps", eps)
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, unit_offset: bool = False) -> np.ndarray:
     """[..., C], [C] -> [..., C]: x / sqrt(mean(x^2) + eps) * w  (w replaced by 1 + w if unit_offset).
 
-    The normalisation runs in float32 at least (float64 stays float64), then is cast back to x's
-    dtype before the weight multiply, as the public Mu and Llama code do.
+    The normalisation runs in x's dtype (float32 or float64), then the weight multiply; public Mu and
+    Hugging Face code normalise in float32 even for a float64 model.
     """
-    acc = np.promote_types(x.dtype, np.float32)
-    xa = x.astype(acc, copy=False)
-    normed = (xa / np.sqrt(np.mean(xa * xa, axis=-1, keepdims=True) + eps)).astype(x.dtype, copy=False)
-    scale = (1.0 + weight) if unit_offset else weight
-    return normed * scale.astype(x.dtype, copy=False)
+    eps = check_rmsnorm(x, weight, eps)
+    normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return normed * ((1.0 + weight) if unit_offset else weight)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """[...] -> [...]: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), evaluated in that order, in place."""
+    check_float("gelu_tanh x", x)
     y = x * x
     y *= x
     y *= x.dtype.type(0.044715)
@@ -59,17 +104,20 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:
     """[...] -> [...]: 0.5 x (1 + erf(x / sqrt(2))) (exact GELU; erf from math.erf, correctly rounded)."""
+    check_float("gelu_erf x", x)
     e = _erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64).astype(x.dtype)
     return 0.5 * x * (1.0 + e)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     """[...] -> [...]: x * sigmoid(x), evaluated without overflow for large |x|."""
+    check_float("silu x", x)
     return x * sigmoid(x)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """[...] -> [...]: 1 / (1 + exp(-x)), stable for both signs."""
+    check_float("sigmoid x", x)
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
@@ -86,13 +134,31 @@ def activation(x: np.ndarray, kind: str) -> np.ndarray:
     return fn(x)
 
 
+def check_gated(gate, up) -> None:
+    """gate and up: float arrays of one dtype and one shape."""
+    check_float("gated gate", gate)
+    check_float("gated up", up, like=gate)
+    if up.shape != gate.shape:
+        raise ValueError(f"gated up must have gate's shape {gate.shape}, got {up.shape}")
+
+
 def gated(gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
     """[..., F], [..., F] -> [..., F]: act(gate) * up. SwiGLU is kind='silu', GeGLU 'gelu_tanh'/'gelu_erf'."""
+    check_gated(gate, up)
     return activation(gate, kind) * up
+
+
+def check_softmax(x, axis: int, name: str = "softmax x") -> None:
+    """x: a float array with at least one entry along axis (an int in [-ndim, ndim))."""
+    check_float(name, x)
+    if not isinstance(axis, numbers.Integral) or not -x.ndim <= axis < x.ndim or x.shape[axis] == 0:
+        raise ValueError(f"{name} needs an axis in [-{x.ndim}, {x.ndim}) with at least one entry, got axis {axis!r} "
+                         f"of shape {x.shape}")
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """[...] -> [...]: exp(x - max) / sum exp(x - max). Rows of all -inf give NaN (undefined)."""
+    check_softmax(x, axis)
     m = np.max(x, axis=axis, keepdims=True)
     e = x - m
     np.exp(e, out=e)
@@ -105,6 +171,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
     Subtracting the max first keeps full relative precision when |max| is large (logits ~1e4).
     """
+    check_softmax(x, axis, "log_softmax x")
     shifted = x - np.max(x, axis=axis, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
@@ -112,8 +179,29 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 # ---------------------------------------------------------------- linear maps
 
 
+def check_linear(x, weight, bias=None, residual=None, half_weight=False) -> None:
+    """x [..., in], weight [out, in], bias [out] or None, residual [..., out] or None (the backends'
+    fused residual): float arrays of one dtype; weight may be float16 when half_weight (a backend's
+    half weight storage)."""
+    check_float("linear x", x)
+    if not (half_weight and weight.dtype == np.float16):
+        check_float("linear weight", weight, like=x)
+    if bias is not None:
+        check_float("linear bias", bias, like=x)
+    if len(weight.shape) != 2 or len(x.shape) < 1 or x.shape[-1] != weight.shape[1] \
+            or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(f"linear needs x [..., in], weight [out, in] and bias [out], got x {x.shape}, weight "
+                         f"{weight.shape}, bias {None if bias is None else bias.shape}")
+    if residual is not None:
+        check_float("linear residual", residual, like=x)
+        if residual.shape != (*x.shape[:-1], weight.shape[0]):
+            raise ValueError(f"linear: residual must have the output shape {(*x.shape[:-1], weight.shape[0])}, "
+                             f"got {residual.shape}")
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """[..., in], [out, in], [out] -> [..., out]: x @ W^T + b (PyTorch Linear layout)."""
+    check_linear(x, weight, bias)
     y = x @ weight.T
     if bias is not None:
         y += bias  # y is a fresh array
@@ -133,20 +221,56 @@ def check_token_ids(ids, vocab_size: int, name: str = "token ids") -> np.ndarray
 
 def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """[B, T] int, [V, C] -> [B, T, C]: rows of the table. Ids outside [0, V) raise ValueError."""
+    check_float("embedding table", table)
+    if table.ndim != 2:
+        raise ValueError(f"embedding table must have shape [V, C], got {table.shape}")
     return table[check_token_ids(ids, table.shape[0])]
 
 
 # ---------------------------------------------------------------- rotary position embedding
 
 
+def check_layout(layout: str) -> None:
+    """layout: 'rotate_half' or 'interleaved'."""
+    if not isinstance(layout, str) or layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+
+
+def check_head_dim(head_dim) -> int:
+    """RoPE's D: an even int >= 2 (it rotates pairs of coordinates)."""
+    if (type(head_dim) is not int and (isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral))) \
+            or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"rope needs an even head_dim >= 2, got {head_dim!r}")
+    return int(head_dim)
+
+
+def check_rope(x, cos, sin, layout: str) -> None:
+    """x [B, H, T, D] float with D even, cos/sin [B or 1, T, D] float host arrays, a known layout."""
+    check_layout(layout)
+    check_float("rope x", x)
+    if len(x.shape) != 4:
+        raise ValueError(f"rope x must have shape [B, H, T, D], got {x.shape}")
+    b, _, t, d = x.shape
+    check_head_dim(d)
+    check_float("rope cos", cos)
+    check_float("rope sin", sin)
+    if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (t, d):
+        raise ValueError(f"rope cos/sin must have shape [1 or {b}, {t}, {d}], got {cos.shape} and {sin.shape}")
+
+
 def rope_inv_freq(head_dim: int, theta: float, ext_factors: np.ndarray | None = None) -> np.ndarray:
-    """-> [D/2] float64: theta^(-2j/D) for j = 0 .. D/2-1, divided by ext_factors [D/2] when given (longrope)."""
+    """-> [D/2] float64: theta^(-2j/D) for j = 0 .. D/2-1, divided by ext_factors [D/2] when given (longrope).
+
+    D an even int >= 2, theta and every ext_factor finite and > 0 (else ValueError)."""
+    head_dim, theta = check_head_dim(head_dim), check_number("rope theta", theta)
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if ext_factors is None:
         return inv_freq
     ext = np.asarray(ext_factors, dtype=np.float64)
     if ext.shape != inv_freq.shape:
         raise ValueError(f"ext_factors must have shape ({head_dim // 2},) (head_dim/2), got {ext.shape}")
+    if not (np.isfinite(ext) & (ext > 0)).all():
+        raise ValueError(f"ext_factors must be finite and > 0, got {ext}")
     return inv_freq / ext
 
 
@@ -167,6 +291,8 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
     """
     if factor <= 1.0:
         return theta
+    if check_head_dim(head_dim) == 2:
+        raise ValueError("dynamic NTK RoPE needs head_dim > 2 (its exponent is D / (D - 2)), got 2")
     length = max(seq_len, block_size)
     return theta * ((factor * length / block_size) - (factor - 1.0)) ** (head_dim / (head_dim - 2))
 
@@ -184,21 +310,25 @@ def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str
     angle[t, j] = (pos[t] / linear_factor) * inv_freq[j] (inv_freq from rope_inv_freq with the
     longrope ext_factors [D/2], if any). rotate_half repeats the D/2 angles as cat(a, a);
     interleaved repeats each angle twice (a0, a0, a1, a1, ...). Both tables are multiplied by scale
-    (longrope's attention factor).
+    (longrope's attention factor). positions are integers or finite floats; head_dim an even int >= 2;
+    theta, linear_factor and scale finite numbers > 0 (else TypeError / ValueError naming them).
     """
+    check_layout(layout)
+    positions = np.asarray(positions)
+    if positions.dtype.kind not in "iuf":
+        raise TypeError(f"rope positions must be integers (or floats), got dtype {positions.dtype}")
+    if positions.dtype.kind == "f" and not np.isfinite(positions).all():
+        raise ValueError("rope positions must be finite")
+    linear_factor, scale = check_number("rope linear_factor", linear_factor), check_number("rope scale", scale)
     inv_freq = rope_inv_freq(head_dim, theta, ext_factors)
-    angles = (np.asarray(positions, dtype=np.float64) / linear_factor)[..., None] * inv_freq
-    if layout == "rotate_half":
-        full = np.concatenate([angles, angles], axis=-1)
-    elif layout == "interleaved":
-        full = np.repeat(angles, 2, axis=-1)
-    else:
-        raise ValueError(f"rope layout must be 'rotate_half' or 'interleaved', got {layout!r}")
+    angles = (positions.astype(np.float64) / linear_factor)[..., None] * inv_freq
+    full = np.concatenate([angles, angles], axis=-1) if layout == "rotate_half" else np.repeat(angles, 2, axis=-1)
     return np.cos(full) * scale, np.sin(full) * scale  # exact when scale == 1
 
 
 def rotate(x: np.ndarray, layout: str) -> np.ndarray:
     """[..., D] -> [..., D]: rotate_half: (-x2, x1) of the halves; interleaved: (-x1, x0) of each pair."""
+    check_layout(layout)
     if layout == "rotate_half":
         half = x.shape[-1] // 2
         return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -210,6 +340,7 @@ def rotate(x: np.ndarray, layout: str) -> np.ndarray:
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str = "rotate_half") -> np.ndarray:
     """[B, H, T, D], cos/sin [B or 1, T, D] -> [B, H, T, D]: x cos + rotate(x) sin (in x's dtype)."""
+    check_rope(x, cos, sin, layout)
     c = cos.astype(x.dtype, copy=False)[:, None]
     s = sin.astype(x.dtype, copy=False)[:, None]
     return x * c + rotate(x, layout) * s
@@ -218,14 +349,24 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str = "r
 # ---------------------------------------------------------------- attention
 
 
+def check_split_heads(x, n_head: int) -> None:
+    """x [B, T, H*D] and n_head = H, an int >= 1 dividing the width."""
+    check_index("split_heads n_head", n_head, 1)
+    if len(x.shape) != 3 or x.shape[2] % n_head:
+        raise ValueError(f"split_heads x must have shape [B, T, n_head*D] with n_head={n_head}, got {x.shape}")
+
+
 def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
     """[B, T, H*D] -> [B, H, T, D]."""
+    check_split_heads(x, n_head)
     b, t, width = x.shape
     return x.reshape(b, t, n_head, width // n_head).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x: np.ndarray) -> np.ndarray:
     """[B, H, T, D] -> [B, T, H*D]."""
+    if x.ndim != 4:
+        raise ValueError(f"merge_heads x must have shape [B, H, T, D], got {x.shape}")
     b, h, t, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
@@ -236,7 +377,7 @@ def repeat_kv(x: np.ndarray, n_rep: int, interleaved: bool) -> np.ndarray:
     interleaved=False (public Mu text default): query head h uses kv head h % Hkv (block repeat).
     interleaved=True (Llama, Mu v2): query head h uses kv head h // n_rep (each head repeated).
     """
-    if n_rep == 1:
+    if check_index("repeat_kv n_rep", n_rep, 1) == 1:
         return x
     return np.repeat(x, n_rep, axis=1) if interleaved else np.tile(x, (1, n_rep, 1, 1))
 
@@ -258,6 +399,56 @@ def check_segment_ids(segment_ids, batch: int, tq: int, tk: int, q_start: int) -
     return segment_ids.astype(np.int32)
 
 
+def check_key_mask(key_mask, batch: int, tk: int) -> np.ndarray | None:
+    """key_mask [B, Tk] bool, or integers that are all 0 or 1 (or None) -> bool array (or None)."""
+    if key_mask is None:
+        return None
+    mask = np.asarray(key_mask)
+    if mask.shape != (batch, tk):
+        raise ValueError(f"key_mask must have shape ({batch}, {tk}), got {mask.shape}")
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype.kind not in "iu":
+        raise TypeError(f"key_mask must be a bool array (or integers 0 / 1), got dtype {mask.dtype}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"key_mask must hold only 0 and 1 (True = a real key), got values {np.unique(mask)[:5]}")
+    return mask.astype(bool)
+
+
+def check_q_start(q_start, tk: int) -> int:
+    """q_start, an int >= 0 (the position of query 0) -> min(q_start, Tk).
+
+    Keys are positions 0..Tk-1, so a causal query at position >= Tk - 1 sees every key: clamping to Tk
+    changes no result and keeps the value in any kernel's int32."""
+    return min(check_index("attention q_start", q_start), tk)
+
+
+def check_attention(q, k, v, *, key_mask=None, q_start: int = 0, mask_fill: str = "finite_min",
+                    segment_ids=None) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+    """q [B, Hq, Tq, D], k = v [B, Hkv, Tk, D] float arrays of one dtype, Hkv >= 1 dividing Hq, Tk >= 1; a known
+    mask_fill; key_mask (check_key_mask), q_start (check_q_start), segment_ids (check_segment_ids).
+    -> (key_mask bool or None, q_start for the kernels, segment_ids int32 or None)."""
+    if not isinstance(mask_fill, str) or mask_fill not in MASK_FILLS:
+        raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {mask_fill!r}")
+    for name, x in (("attention q", q), ("attention k", k), ("attention v", v)):
+        check_float(name, x, like=q)
+        if len(x.shape) != 4:
+            raise ValueError(f"{name} must have shape [B, H, T, D], got {x.shape}")
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"attention k and v must both have shape [B, Hkv, Tk, D] with q's B = {b} and D = {d}, "
+                         f"got k {k.shape}, v {v.shape}")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"attention k/v head count must divide q's (query heads a multiple of key/value heads "
+                         f">= 1), got Hq {hq}, Hkv {hkv}")
+    if tk < 1:
+        raise ValueError("attention needs at least one key (Tk >= 1)")
+    start = check_q_start(q_start, tk)
+    segment_ids = check_segment_ids(segment_ids, b, tq, tk, q_start)
+    return check_key_mask(key_mask, b, tk), start, segment_ids
+
+
 def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: int, tk: int,
                    q_start: int = 0, segment_ids: np.ndarray | None = None) -> np.ndarray | None:
     """-> [B, 1, Tq, Tk] bool (True = may attend), or None when nothing is masked.
@@ -268,8 +459,9 @@ def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: in
     segment_ids[b, q_start + i] (packed rows: block-diagonal attention).
     """
     allowed = None
+    key_mask, q_start = check_key_mask(key_mask, batch, tk), check_q_start(q_start, tk)
     if key_mask is not None:
-        allowed = np.broadcast_to(np.asarray(key_mask, dtype=bool)[:, None, None, :], (batch, 1, tq, tk))
+        allowed = np.broadcast_to(key_mask[:, None, None, :], (batch, 1, tq, tk))
     if causal:
         tri = np.arange(tk)[None, :] <= (q_start + np.arange(tq))[:, None]
         allowed = tri[None, None] if allowed is None else (allowed & tri[None, None])
@@ -320,13 +512,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarr
     softmax over keys; @ V.
     mask_fill 'finite_min': the dtype's most negative finite value (a fully masked row becomes the
     uniform average of all values, as in the public Mu code). '-inf': masked keys get exactly zero
-    weight; a fully masked row is defined as zeros (never NaN).
+    weight; a fully masked row is defined as zeros (never NaN). Arguments are checked by check_attention.
     """
+    key_mask, q_start, segment_ids = check_attention(q, k, v, key_mask=key_mask, q_start=q_start, mask_fill=mask_fill,
+                                                     segment_ids=segment_ids)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     scores = group_query_heads(q, hkv, interleaved) @ k.transpose(0, 1, 3, 2)  # [B, Hkv, n_rep*Tq, Tk]
     per_head = scores.reshape(b, hkv, hq // hkv, tq, tk)  # a view, to apply [B, 1, 1, Tq, Tk] masks
-    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start, check_segment_ids(segment_ids, b, tq, tk, q_start))
+    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start, segment_ids)
     empty = None
     if allowed is not None:
         allowed = allowed[:, :, None]

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from refslm import ops
 from refslm.backends import BackendUnavailable, available_backends, backend_names, get_backend
 
 
@@ -43,3 +44,149 @@ def test_linear_adds_the_residual_last(name):
     np.testing.assert_array_equal(got, plain + residual)
     with pytest.raises(ValueError, match="residual must have the output shape"):
         be.linear(*(be.asarray(a) for a in (x, w, b, x)))
+
+
+# ---------------------------------------------------------------- bad input: every backend rejects it alike
+
+DEVICE_ARGUMENTS = {"rope": 1, "attention": 3, "linear": 4, "rmsnorm": 2, "gated": 2, "activation": 1,
+                    "split_heads": 1}  # leading arguments that are backend arrays (the rest stay on the host)
+
+
+class OnDevice:
+    """A device backend called with host arrays: each method's backend-array arguments are uploaded first
+    (whatever their dtype, so that the backend's own checks see them)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        method, count = getattr(self.backend, name), DEVICE_ARGUMENTS[name]
+
+        def call(*args, **kwargs):
+            return method(*(self.backend.asarray(a) if i < count and isinstance(a, np.ndarray) else a
+                            for i, a in enumerate(args)), **kwargs)
+        return call
+
+
+def backend_for_bad_input(name):
+    be = get_backend(name)
+    return be if name in ("numpy", "numba") else OnDevice(be)
+
+
+BAD_INPUT_BACKENDS = [n for n in ("numpy", "numba", "opencl") if n in available_backends()]
+ATTN = dict(key_mask=None, causal=False, q_start=0, interleaved=False, mask_fill="finite_min")
+
+
+def _attention(be, q_shape=(1, 2, 2, 4), kv_shape=(1, 1, 3, 4), dtype=np.float64, **kwargs):
+    q, kv = np.ones(q_shape, dtype), np.ones(kv_shape, dtype)
+    return be.attention(q, kv, kv, **(ATTN | kwargs))
+
+
+def _rope(be, x_shape=(1, 1, 2, 4), layout="rotate_half", dtype=np.float64):
+    t, d = x_shape[-2:]
+    return be.rope(np.arange(np.prod(x_shape)).reshape(x_shape).astype(dtype), np.ones((1, t, d)), np.ones((1, t, d)),
+                   layout)
+
+
+f32, f16, ones = np.float32, np.float16, np.ones
+BAD_INPUT = {  # case: (error, what the message must say, the call)
+    # 1. numba read past the array for odd D (returned -9e199); 3-D x gave "not enough values to unpack"
+    "rope odd head_dim": (ValueError, "rope needs an even head_dim >= 2, got 7",
+                          lambda be: _rope(be, (1, 1, 2, 7), "interleaved")),
+    "rope 3-D x": (ValueError, r"rope x must have shape \[B, H, T, D\]", lambda be: _rope(be, (1, 2, 8))),
+    "rope layout": (ValueError, "rope layout must be one of", lambda be: _rope(be, layout="foo")),
+    "rope int x": (TypeError, "rope x must be a float32 or float64 ndarray", lambda be: _rope(be, dtype=int)),
+    # 2. numba cast a float key_mask to uint8 (0.5 -> masked), numpy to bool (0.5 -> attended)
+    "key_mask float": (TypeError, "key_mask must be a bool array",
+                       lambda be: _attention(be, key_mask=np.array([[0.5, 1.0, 1.0]]))),
+    "key_mask 256": (ValueError, "key_mask must hold only 0 and 1",
+                     lambda be: _attention(be, key_mask=np.array([[256, 1, 1]]))),
+    "key_mask shape": (ValueError, r"key_mask must have shape \(1, 3\)",
+                       lambda be: _attention(be, key_mask=ones((1, 4), bool))),
+    # 3. numba gave NaN for q_start < 0 (causal, Tq < 8) and for Tk = 0
+    "q_start negative": (ValueError, "q_start must be >= 0", lambda be: _attention(be, causal=True, q_start=-1)),
+    "q_start float": (TypeError, "q_start must be an int", lambda be: _attention(be, causal=True, q_start=1.5)),
+    "no keys": (ValueError, r"at least one key \(Tk >= 1\)", lambda be: _attention(be, kv_shape=(1, 1, 0, 4))),
+    # 4. unknown mask_fill (numpy gave all NaN)
+    "mask_fill": (ValueError, "mask_fill must be one of",
+                  lambda be: _attention(be, key_mask=np.array([[True, False, True]]), mask_fill="zero")),
+    # 8. shapes
+    "heads not dividing": (ValueError, "head count must divide",
+                           lambda be: _attention(be, q_shape=(1, 3, 2, 4), kv_shape=(1, 2, 3, 4))),
+    "no kv heads": (ValueError, "head count must divide", lambda be: _attention(be, kv_shape=(1, 0, 3, 4))),
+    "head_dim mismatch": (ValueError, "k and v must both have shape", lambda be: _attention(be, kv_shape=(1, 1, 3, 5))),
+    "batch mismatch": (ValueError, "k and v must both have shape", lambda be: _attention(be, kv_shape=(2, 1, 3, 4))),
+    "attention float16": (TypeError, "attention q must be a float32 or float64 ndarray",
+                          lambda be: _attention(be, dtype=f16)),
+    "attention mixed dtypes": (TypeError, "attention k must have the dtype of the other operands",
+                               lambda be: be.attention(ones((1, 1, 1, 4), f32), *(ones((1, 1, 2, 4)),) * 2, **ATTN)),
+    "split_heads": (ValueError, "split_heads x must have shape", lambda be: be.split_heads(ones((1, 2, 6)), 4)),
+    # 6. rmsnorm eps and weight shape (eps -1 or NaN gave NaN; weight (1,) broadcast)
+    "rmsnorm eps -1": (ValueError, "rmsnorm eps must be a finite number > 0",
+                       lambda be: be.rmsnorm(ones((2, 3)), ones(3), -1.0)),
+    "rmsnorm eps nan": (ValueError, "rmsnorm eps must be a finite number > 0",
+                        lambda be: be.rmsnorm(ones((2, 3)), ones(3), float("nan"))),
+    "rmsnorm weight (1,)": (ValueError, r"rmsnorm weight must have shape \(C,\)",
+                            lambda be: be.rmsnorm(ones((2, 3)), ones(1), 1e-6)),
+    "rmsnorm weight dtype": (TypeError, "rmsnorm weight must have the dtype",
+                             lambda be: be.rmsnorm(ones((2, 3), f32), ones(3), 1e-6)),
+    "rmsnorm int": (TypeError, "rmsnorm x must be a float32 or float64 ndarray",
+                    lambda be: be.rmsnorm(ones((2, 3), int), ones(3, int), 1e-6)),
+    # 9. linear: int, float16 and mixed dtypes (numpy and numba returned int64 / float16 / float64)
+    "linear int": (TypeError, "linear x must be a float32 or float64 ndarray",
+                   lambda be: be.linear(ones((2, 3), int), ones((4, 3), int))),
+    "linear float16": (TypeError, "linear x must be a float32 or float64 ndarray",
+                       lambda be: be.linear(ones((2, 3), f16), ones((4, 3), f16))),
+    "linear mixed": (TypeError, "linear weight must have the dtype",
+                     lambda be: be.linear(ones((2, 3), f32), ones((4, 3)))),
+    "linear bias dtype": (TypeError, "linear bias must have the dtype",
+                          lambda be: be.linear(ones((2, 3)), ones((4, 3)), ones(4, f32))),
+    "linear residual dtype": (TypeError, "linear residual must have the dtype",
+                              lambda be: be.linear(ones((2, 3), f32), ones((4, 3), f32), None, ones((2, 4)))),
+    "linear shapes": (ValueError, r"linear needs x \[\.\.\., in\]", lambda be: be.linear(ones((2, 3)), ones((4, 5)))),
+    # activations
+    "activation int": (TypeError, "silu x must be a float32 or float64 ndarray",
+                       lambda be: be.activation(np.array([1, 2]), "silu")),
+    "gated float16": (TypeError, "gated gate must be a float32 or float64 ndarray",
+                      lambda be: be.gated(ones(2, f16), ones(2, f16), "silu")),
+    "gated shapes": (ValueError, "gated up must have gate's shape", lambda be: be.gated(ones((2, 3)), ones(3), "silu")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_backends_reject_bad_input_with_one_message(case):
+    """Every backend raises the same error naming the argument, with one message (the shared ops.check_*)."""
+    error, match, call = BAD_INPUT[case]
+    messages = set()
+    for name in BAD_INPUT_BACKENDS:
+        with pytest.raises(error, match=match) as info:
+            call(backend_for_bad_input(name))
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_BACKENDS)
+def test_attention_integer_key_mask_and_q_start_past_the_keys(name):
+    """A 0/1 integer key_mask is the bool mask; a causal q_start past the keys (2**40 overflowed opencl's int32)
+    sees every key, like q_start = Tk; both as the NumPy reference."""
+    if "float64" not in get_backend(name).dtypes:
+        pytest.skip(f"{name} has no float64 here")
+    device = backend_for_bad_input(name)
+
+    def attend(*args, **kwargs):  # the backend's attention, host arrays in and out
+        return get_backend(name).to_numpy(device.attention(*args, **kwargs))
+
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 4, 3, 8)), rng.standard_normal((2, 2, 6, 8)), rng.standard_normal((2, 2, 6, 8))
+    ints = np.array([[1, 0, 1, 1, 0, 1], [0, 0, 1, 0, 1, 1]], np.int8)
+    kwargs = dict(causal=True, q_start=2, interleaved=True, mask_fill="-inf")
+    want = attend(q, k, v, key_mask=ints.astype(bool), **kwargs)
+    np.testing.assert_array_equal(attend(q, k, v, key_mask=ints, **kwargs), want)
+    np.testing.assert_allclose(want, ops.attention(q, k, v, key_mask=ints, **kwargs), rtol=1e-12, atol=1e-13)
+    kwargs["q_start"] = 6
+    past = attend(q, k, v, key_mask=ints, **kwargs)
+    for q_start in (5, 7, 2**40, 2**80):  # query 0 at position >= Tk - 1 = 5
+        kwargs["q_start"] = q_start
+        np.testing.assert_array_equal(attend(q, k, v, key_mask=ints, **kwargs), past)
+    np.testing.assert_allclose(past, attend(q, k, v, key_mask=ints, **(kwargs | dict(causal=False))),
+                               rtol=1e-12, atol=1e-13)

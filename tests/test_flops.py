@@ -173,7 +173,7 @@ def test_bad_arguments_are_named():
         flops.decode_step_flops(HAND_DO, 3, 0)
     with pytest.raises(ValueError, match="new_tokens"):
         flops.generation_flops(HAND_DO, 3, 0)
-    ntk = DecoderOnlyConfig(n_layer=1, **{**HAND, "rope_factor": 2.0}, block_size=4)
+    ntk = DecoderOnlyConfig(n_layer=1, **{**HAND, "qkv_embd": 8, "rope_factor": 2.0}, block_size=4)  # D = 4
     with pytest.raises(ValueError, match="dynamic NTK"):
         flops.generation_flops(ntk, 3, 4)
     with pytest.raises(ValueError, match="ambiguous"):

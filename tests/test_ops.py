@@ -148,3 +148,217 @@ def test_attention_segment_ids_errors_name_the_argument():
     k = np.zeros((1, 2, 4, 4))
     with pytest.raises(ValueError, match="segment_ids need self-attention"):
         ops.attention(q, k, k, q_start=2, segment_ids=np.zeros((1, 4), np.int64))
+
+
+# ---------------------------------------------------------------- bad input: a clear error, never a wrong number
+
+
+FLOAT_OPS = {
+    "rmsnorm": lambda x: ops.rmsnorm(x, np.ones(4, x.dtype), 1e-6),
+    "gelu_tanh": ops.gelu_tanh, "gelu_erf": ops.gelu_erf, "silu": ops.silu, "sigmoid": ops.sigmoid,
+    "gated": lambda x: ops.gated(x, x, "silu"), "softmax": ops.softmax, "log_softmax": ops.log_softmax,
+    "linear": lambda x: ops.linear(x, np.ones((2, 4), x.dtype)),
+    "embedding": lambda x: ops.embedding(np.zeros((1, 1), np.int64), x),
+    "apply_rope": lambda x: ops.apply_rope(x.reshape(1, 1, 1, 4)[..., :2], np.ones((1, 1, 2)), np.ones((1, 1, 2))),
+    "attention": lambda x: ops.attention(*(x.reshape(1, 1, 1, 4),) * 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float16, bool])
+@pytest.mark.parametrize("op", sorted(FLOAT_OPS))
+def test_float_ops_reject_other_dtypes(op, dtype):
+    """int, bool and float16 input used to give silently wrong numbers (silu([1, 2]) -> [0, 0]) or float16 math."""
+    x = np.arange(1, 5).reshape(1, 4).astype(dtype)
+    with pytest.raises(TypeError, match=f"must be a float32 or float64 ndarray, got {np.dtype(dtype)}"):
+        FLOAT_OPS[op](x)
+
+
+def test_operands_must_share_one_dtype():
+    x32, w64 = np.ones((2, 3), np.float32), np.ones((4, 3))
+    with pytest.raises(TypeError, match=r"linear weight must have the dtype of the other operands \(float32\), "
+                                        r"got float64"):
+        ops.linear(x32, w64)
+    with pytest.raises(TypeError, match="linear bias must have the dtype"):
+        ops.linear(x32, w64.astype(np.float32), np.ones(4))
+    with pytest.raises(TypeError, match="rmsnorm weight must have the dtype"):
+        ops.rmsnorm(x32, np.ones(3), 1e-6)
+    with pytest.raises(TypeError, match="gated up must have the dtype"):
+        ops.gated(x32, np.ones((2, 3)), "silu")
+    q = np.ones((1, 1, 2, 4))
+    with pytest.raises(TypeError, match="attention v must have the dtype"):
+        ops.attention(q, q, q.astype(np.float32))
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan"), float("inf"), 10**400])
+def test_rmsnorm_rejects_eps_outside_the_positive_finite_numbers(eps):
+    """eps -1 or NaN gave NaN rows."""
+    with pytest.raises(ValueError, match="rmsnorm eps must be a finite number > 0"):
+        ops.rmsnorm(np.ones((2, 3)), np.ones(3), eps)
+    with pytest.raises(TypeError, match="rmsnorm eps must be a number, got str"):
+        ops.rmsnorm(np.ones((2, 3)), np.ones(3), "1e-6")
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 3), ()])
+def test_rmsnorm_weight_must_have_shape_c(shape):
+    """A weight of shape (1,) broadcast silently."""
+    with pytest.raises(ValueError, match=r"rmsnorm weight must have shape \(C,\) for x \[\.\.\., C\]"):
+        ops.rmsnorm(np.ones((2, 3)), np.ones(shape), 1e-6)
+
+
+def test_rmsnorm_eps_type_does_not_change_the_float32_math():
+    """A NumPy float64 eps (a strong scalar) used to promote the float32 normalisation to float64."""
+    x = np.random.default_rng(0).standard_normal((4, 33)).astype(np.float32)
+    w = np.ones(33, np.float32)
+    np.testing.assert_array_equal(ops.rmsnorm(x, w, np.float64(1e-6)), ops.rmsnorm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("head_dim", [7, 1, 0, -2, 8.0, True])
+def test_rope_tables_need_an_even_head_dim(head_dim):
+    """rope_cos_sin(positions, 7, ...) gave tables [T, 8], one column more than head_dim."""
+    with pytest.raises(ValueError, match="rope needs an even head_dim >= 2"):
+        ops.rope_cos_sin(np.arange(3), head_dim, 1e4)
+    with pytest.raises(ValueError, match="rope needs an even head_dim >= 2"):
+        ops.rope_inv_freq(head_dim, 1e4)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("theta", dict(theta=0.0)), ("theta", dict(theta=-1e4)), ("theta", dict(theta=float("nan"))),
+    ("linear_factor", dict(linear_factor=0.0)), ("linear_factor", dict(linear_factor=float("inf"))),
+    ("scale", dict(scale=0.0)), ("scale", dict(scale=float("nan"))),
+])
+def test_rope_tables_reject_non_positive_numbers(name, kwargs):
+    """theta <= 0 or linear_factor 0 gave NaN tables."""
+    args = dict(positions=np.arange(3), head_dim=8, theta=1e4) | kwargs
+    with pytest.raises(ValueError, match=f"rope {name} must be a finite number > 0"):
+        ops.rope_cos_sin(**args)
+
+
+def test_rope_tables_reject_bad_positions_and_factors():
+    with pytest.raises(TypeError, match="rope positions must be integers"):
+        ops.rope_cos_sin(np.array([True, False]), 8, 1e4)
+    with pytest.raises(ValueError, match="rope positions must be finite"):
+        ops.rope_cos_sin(np.array([0.0, np.nan]), 8, 1e4)
+    with pytest.raises(ValueError, match="ext_factors must be finite and > 0"):
+        ops.rope_cos_sin(np.arange(3), 4, 1e4, ext_factors=np.array([1.0, 0.0]))
+    with pytest.raises(ValueError, match="dynamic NTK RoPE needs head_dim > 2"):
+        ops.rope_theta_for_length(1e4, 2, 4096, 2.0, 1024)
+    # float positions are allowed (finite): the same tables as the integers
+    np.testing.assert_array_equal(ops.rope_cos_sin(np.arange(3.0), 8, 1e4), ops.rope_cos_sin(np.arange(3), 8, 1e4))
+
+
+def test_rope_layout_must_be_known():
+    """apply_rope(..., layout='foo') silently used the interleaved rotation."""
+    x, c = np.ones((1, 1, 2, 4)), np.ones((1, 2, 4))
+    for call in (lambda: ops.apply_rope(x, c, c, "foo"), lambda: ops.rotate(x, "foo"),
+                 lambda: ops.rope_cos_sin(np.arange(2), 4, 1e4, "foo")):
+        with pytest.raises(ValueError, match=r"rope layout must be one of \('rotate_half', 'interleaved'\), got 'foo'"):
+            call()
+
+
+@pytest.mark.parametrize("x_shape,cos_shape,match", [
+    ((1, 1, 2, 7), (1, 2, 7), "rope needs an even head_dim >= 2, got 7"),
+    ((1, 2, 8), (1, 2, 8), r"rope x must have shape \[B, H, T, D\], got \(1, 2, 8\)"),
+    ((1, 1, 2, 4), (1, 3, 4), r"rope cos/sin must have shape \[1 or 1, 2, 4\], got \(1, 3, 4\)"),
+    ((2, 1, 2, 4), (3, 2, 4), r"rope cos/sin must have shape \[1 or 2, 2, 4\]"),
+    ((1, 1, 2, 4), (2, 4), r"rope cos/sin must have shape"),
+])
+def test_apply_rope_rejects_bad_shapes(x_shape, cos_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ops.apply_rope(np.ones(x_shape), np.ones(cos_shape), np.ones(cos_shape))
+
+
+def test_shape_errors_name_the_argument():
+    """These surfaced as low-level NumPy errors (reshape, broadcast, zero-size reduction)."""
+    with pytest.raises(ValueError, match=r"split_heads x must have shape \[B, T, n_head\*D\] with n_head=4"):
+        ops.split_heads(np.ones((1, 2, 6)), 4)
+    with pytest.raises(ValueError, match="split_heads x must have shape"):
+        ops.split_heads(np.ones((2, 8)), 2)
+    with pytest.raises(ValueError, match="split_heads n_head must be >= 1"):
+        ops.split_heads(np.ones((1, 2, 6)), 0)
+    with pytest.raises(ValueError, match=r"merge_heads x must have shape \[B, H, T, D\]"):
+        ops.merge_heads(np.ones((1, 2, 6)))
+    with pytest.raises(ValueError, match="repeat_kv n_rep must be >= 1"):
+        ops.repeat_kv(np.ones((1, 2, 3, 4)), 0, False)
+    with pytest.raises(ValueError, match=r"linear needs x \[\.\.\., in\], weight \[out, in\] and bias \[out\], "
+                                         r"got x \(2, 3\), weight \(4, 5\)"):
+        ops.linear(np.ones((2, 3)), np.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"linear needs .* bias \(3,\)"):
+        ops.linear(np.ones((2, 3)), np.ones((4, 3)), np.ones(3))
+    with pytest.raises(ValueError, match=r"gated up must have gate's shape \(2, 3\), got \(3,\)"):
+        ops.gated(np.ones((2, 3)), np.ones(3), "silu")
+    with pytest.raises(ValueError, match=r"embedding table must have shape \[V, C\]"):
+        ops.embedding(np.zeros((1, 1), np.int64), np.ones(3))
+    for fn in (ops.softmax, ops.log_softmax):
+        with pytest.raises(ValueError, match=r"softmax x needs an axis in \[-2, 2\) with at least one entry"):
+            fn(np.ones((2, 0)))
+        with pytest.raises(ValueError, match="with at least one entry, got axis 2"):
+            fn(np.ones((2, 3)), axis=2)
+
+
+def _qkv(b=1, hq=2, tq=3, hkv=1, tk=3, d=4):
+    rng = np.random.default_rng(b + 10 * hq + 100 * tq + 1000 * tk)
+    return tuple(rng.standard_normal(shape) for shape in ((b, hq, tq, d), (b, hkv, tk, d), (b, hkv, tk, d)))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(mask_fill="zero"), ValueError, r"mask_fill must be one of \('finite_min', '-inf'\), got 'zero'"),
+    (dict(q_start=-1, causal=True), ValueError, "attention q_start must be >= 0, got -1"),
+    (dict(q_start=1.0), TypeError, "attention q_start must be an int, got float"),
+    (dict(q_start=True), TypeError, "attention q_start must be an int, got bool"),
+    (dict(key_mask=np.array([[0.5, 1, 1]])), TypeError, "key_mask must be a bool array .* got dtype float64"),
+    (dict(key_mask=np.array([[256, 1, 1]])), ValueError, "key_mask must hold only 0 and 1"),
+    (dict(key_mask=np.ones((1, 4), bool)), ValueError, r"key_mask must have shape \(1, 3\), got \(1, 4\)"),
+    (dict(key_mask=np.ones(3, bool)), ValueError, r"key_mask must have shape \(1, 3\), got \(3,\)"),
+])
+def test_attention_rejects_bad_arguments(kwargs, error, match):
+    """mask_fill 'zero' gave all NaN; key_mask 0.5 meant True here and False in numba; q_start < 0 gave NaN in numba."""
+    with pytest.raises(error, match=match):
+        ops.attention(*_qkv(), **kwargs)
+    if "key_mask" in kwargs:
+        with pytest.raises(error, match=match):
+            ops.attention_mask(kwargs["key_mask"], False, 1, 3, 3)
+
+
+@pytest.mark.parametrize("shapes,match", [
+    (dict(hq=3, hkv=2), r"k/v head count must divide q's \(query heads a multiple of key/value heads >= 1\), "
+                        r"got Hq 3, Hkv 2"),
+    (dict(hkv=0), "got Hq 2, Hkv 0"),
+    (dict(tk=0), r"attention needs at least one key \(Tk >= 1\)"),
+])
+def test_attention_rejects_bad_head_and_key_counts(shapes, match):
+    """Hq % Hkv != 0 gave 'cannot reshape array'; Tk = 0 'zero-size array to reduction operation maximum'."""
+    with pytest.raises(ValueError, match=match):
+        ops.attention(*_qkv(**shapes))
+
+
+def test_attention_rejects_mismatched_shapes():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"attention k and v must both have shape \[B, Hkv, Tk, D\] with q's B = 1 and "
+                                         r"D = 4, got k \(1, 1, 3, 5\)"):
+        ops.attention(q, np.ones((1, 1, 3, 5)), np.ones((1, 1, 3, 5)))
+    with pytest.raises(ValueError, match="with q's B = 1"):
+        ops.attention(q, np.ones((2, 1, 3, 4)), np.ones((2, 1, 3, 4)))
+    with pytest.raises(ValueError, match="got k \\(1, 1, 3, 4\\), v \\(1, 1, 2, 4\\)"):
+        ops.attention(q, k, v[:, :, :2])
+    with pytest.raises(ValueError, match=r"attention k must have shape \[B, H, T, D\], got \(1, 3, 4\)"):
+        ops.attention(q, k[0], v)
+    with pytest.raises(TypeError, match="attention q must be a float32 or float64 ndarray, got int64"):
+        ops.attention(q.astype(np.int64), k, v)
+
+
+def test_attention_integer_key_mask_is_the_bool_mask():
+    q, k, v = _qkv(b=2, tk=5, tq=2)
+    ints = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]])
+    for dtype in (np.int64, np.uint8, np.int8):
+        np.testing.assert_array_equal(ops.attention(q, k, v, key_mask=ints.astype(dtype)),
+                                      ops.attention(q, k, v, key_mask=ints.astype(bool)))
+
+
+def test_attention_q_start_past_the_keys_sees_every_key():
+    """A causal query at position >= Tk - 1 sees every key: q_start 2**40 (which overflowed an int32 in opencl)
+    gives the non-causal result, as q_start = Tk does."""
+    q, k, v = _qkv(tq=2, tk=4)
+    plain = ops.attention(q, k, v)
+    for q_start in (3, 4, 2**40, np.int64(2**62), 2**80):
+        np.testing.assert_array_equal(ops.attention(q, k, v, causal=True, q_start=q_start), plain)
+    assert ops.check_q_start(2**80, 4) == 4

@@ -3,7 +3,10 @@
 A backend owns its array type (NumPy arrays for "numpy" and "numba"; device buffers for "opencl").
 Models call only these methods, never branch on the backend, and convert with `asarray` /
 `to_numpy` at their edges. Every method documents shapes; dtypes are float32 or float64 unless
-noted (a backend may support only float32, and says so in `dtypes`).
+noted (a backend may support only float32, and says so in `dtypes`). Arguments are validated by the
+shared checks of refslm.ops (check_rmsnorm, check_rope, check_attention, ...: shapes, dtypes and
+scalars only, never a scan of a large tensor), so every backend rejects the same input with the
+same TypeError / ValueError.
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ class Backend:
         raise NotImplementedError
 
     def rope(self, x: Array, cos: np.ndarray, sin: np.ndarray, layout: str) -> Array:
-        """x [B, H, T, D], cos/sin [B or 1, T, D] float64 host arrays -> rotated x; see ops.apply_rope."""
+        """x [B, H, T, D] (D even), cos/sin [B or 1, T, D] float64 host arrays -> rotated x; see ops.apply_rope."""
         raise NotImplementedError
 
     def attention(self, q: Array, k: Array, v: Array, *, key_mask: np.ndarray | None, causal: bool,
                   q_start: int, interleaved: bool, mask_fill: str, segment_ids: np.ndarray | None = None) -> Array:
-        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], key_mask [B, Tk] bool host or None, segment_ids [B, Tk]
-        int host or None -> [B, Hq, Tq, D].
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] (Hkv divides Hq, Tk >= 1), key_mask [B, Tk] bool (or 0/1
+        integers) host or None, q_start an int >= 0, segment_ids [B, Tk] int host or None -> [B, Hq, Tq, D].
 
         See ops.attention for the exact semantics (mask, segments, scale, GQA order, fully masked rows).
         """

@@ -17,7 +17,6 @@ import numba
 import numpy as np
 
 from .. import losses, ops
-from ..config import MASK_FILLS, ROPE_LAYOUTS
 from .numba_attention import attention_kernel, attention_rows_kernel
 from .numba_elementwise import ACTIVATION_CODES, activation_kernel, gated_kernel, rmsnorm_kernel, rope_kernel
 from .numba_losses import KIND_CODES, loss_rows_kernel
@@ -54,18 +53,16 @@ class NumbaBackend(NumpyBackend):
 
     def rmsnorm(self, x, weight, eps, unit_offset=False):
         """[..., C], [C] -> [..., C]; see ops.rmsnorm (the sum of squares accumulates in float64)."""
-        ops.check_float("x", x)
-        if weight.shape != x.shape[-1:]:
-            raise ValueError(f"rmsnorm weight must have shape {x.shape[-1:]}, got {weight.shape}")
+        eps = ops.check_rmsnorm(x, weight, eps)
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
         out = np.empty_like(rows)
-        rmsnorm_kernel(rows.size, rows, weight.astype(x.dtype, copy=False), float(eps), bool(unit_offset), out)
+        rmsnorm_kernel(rows.size, rows, weight, eps, bool(unit_offset), out)
         return out.reshape(x.shape)
 
     def activation(self, x, kind):
         """Elementwise 'gelu_tanh' | 'gelu_erf' | 'silu' in one pass."""
         code = _activation_code(kind)
-        ops.check_float("x", x)
+        ops.check_float(f"{kind} x", x)
         out = np.empty(x.shape, x.dtype)
         activation_kernel(x.size, _flat(x), code, out.reshape(-1))
         return out
@@ -73,22 +70,14 @@ class NumbaBackend(NumpyBackend):
     def gated(self, gate, up, kind):
         """act(gate) * up in one pass (SwiGLU / GeGLU)."""
         code = _activation_code(kind)
-        ops.check_float("gate", gate)
-        if up.shape != gate.shape or up.dtype != gate.dtype:
-            raise ValueError(f"gated: up must match gate's shape {gate.shape} and dtype {gate.dtype}, "
-                             f"got {up.shape} {up.dtype}")
+        ops.check_gated(gate, up)
         out = np.empty(gate.shape, gate.dtype)
         gated_kernel(gate.size, _flat(gate), _flat(up), code, out.reshape(-1))
         return out
 
     def rope(self, x, cos, sin, layout):
         """x [B, H, T, D], cos/sin [B or 1, T, D] -> rotated x; see ops.apply_rope."""
-        if layout not in ROPE_LAYOUTS:
-            raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
-        ops.check_float("x", x)
-        b, _, t, d = x.shape
-        if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (t, d):
-            raise ValueError(f"rope cos/sin must have shape [1 or {b}, {t}, {d}], got {cos.shape} and {sin.shape}")
+        ops.check_rope(x, cos, sin, layout)
         out = np.empty(x.shape, x.dtype)
         c = np.ascontiguousarray(cos, dtype=x.dtype)
         s = np.ascontiguousarray(sin, dtype=x.dtype)
@@ -97,13 +86,13 @@ class NumbaBackend(NumpyBackend):
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> [B, Hq, Tq, D]; one fused kernel, see ops.attention."""
-        _check_attention(q, k, v, key_mask, mask_fill)
+        key_mask, q_start, segments = ops.check_attention(q, k, v, key_mask=key_mask, q_start=q_start,
+                                                          mask_fill=mask_fill, segment_ids=segment_ids)
         mask = _NO_KEY_MASK if key_mask is None else np.ascontiguousarray(key_mask, dtype=np.uint8)
-        segments = ops.check_segment_ids(segment_ids, q.shape[0], q.shape[2], k.shape[2], q_start)
         out = np.empty(q.shape, q.dtype)
         kernel = attention_rows_kernel if q.shape[2] < ROWS_KERNEL_MAX_QUERIES else attention_kernel
         kernel(q.size * k.shape[2], q, k, v, mask, _NO_SEGMENTS if segments is None else segments, bool(causal),
-               int(q_start), bool(interleaved), mask_fill == "finite_min", out)
+               q_start, bool(interleaved), mask_fill == "finite_min", out)
         return out
 
     def loss_rows(self, kind, student, teacher, targets, row_weight, *, temperature, beta, label_smoothing,
@@ -125,22 +114,3 @@ class NumbaBackend(NumpyBackend):
         if teacher is not None:
             losses.check_logsumexp(teacher_lse, "teacher", row_weight)
         return values, grad
-
-
-def _check_attention(q, k, v, key_mask, mask_fill) -> None:
-    """Raise a clear error for shapes or arguments ops.attention does not define."""
-    if mask_fill not in MASK_FILLS:
-        raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {mask_fill!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        ops.check_float(name, x)
-        if x.ndim != 4:
-            raise ValueError(f"attention {name} must have shape [B, H, T, D], got {x.shape}")
-    if k.shape != v.shape or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"attention k and v must share a shape and q's dtype, got k {k.shape} {k.dtype}, "
-                         f"v {v.shape} {v.dtype}, q {q.dtype}")
-    b, hq, _, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
-        raise ValueError(f"attention k/v {k.shape} must match q {q.shape} in batch and head_dim, and their "
-                         "head count must divide q's")
-    if key_mask is not None and np.shape(key_mask) != (b, k.shape[2]):
-        raise ValueError(f"key_mask must have shape ({b}, {k.shape[2]}), got {np.shape(key_mask)}")

@@ -31,12 +31,10 @@ class NumpyBackend(Backend):
         return ops.embedding(ids, table)
 
     def linear(self, x, weight, bias=None, residual=None):
+        ops.check_linear(x, weight, bias, residual)
         y = ops.linear(x, weight, bias)
-        if residual is None:
-            return y
-        if residual.shape != y.shape:
-            raise ValueError(f"linear: residual must have the output shape {y.shape}, got {residual.shape}")
-        y += residual  # y is a fresh array
+        if residual is not None:
+            y += residual  # y is a fresh array
         return y
 
     def rmsnorm(self, x, weight, eps, unit_offset=False):

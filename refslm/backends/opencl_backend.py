@@ -222,6 +222,14 @@ class DeviceArray:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, strides={self.strides}, offset={self.offset})"
 
 
+def _check_device(x) -> DeviceArray:
+    """x, if it is a device array; TypeError otherwise (host arrays enter through asarray / weight)."""
+    if not isinstance(x, DeviceArray):
+        raise TypeError(f"the opencl backend's ops take its device arrays (backend.asarray(host) makes one), "
+                        f"got {type(x).__name__}")
+    return x
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -370,6 +378,8 @@ class OpenCLBackend(Backend):
         return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
     def _check_dtype(self, *arrays: DeviceArray) -> np.dtype:
+        for a in arrays:
+            _check_device(a)
         dtype = arrays[0].dtype
         if dtype not in self._compute_dtypes:
             raise TypeError(f"opencl backend on {self.device_name} computes in {self.dtypes}, got {dtype}")
@@ -444,7 +454,7 @@ class OpenCLBackend(Backend):
 
     def _dense(self, x: DeviceArray) -> DeviceArray:
         """x itself if C-contiguous at offset 0, else a dense copy."""
-        if x.is_dense:
+        if _check_device(x).is_dense:
             return x
         out = self._new(x.shape, x.dtype)
         self._copy(x, out)
@@ -478,18 +488,12 @@ class OpenCLBackend(Backend):
         return out
 
     def linear(self, x, weight, bias=None, residual=None):
+        ops.check_linear(x, weight, bias, residual, half_weight=self.weight_storage == "float16")
         x = self._dense(x)
         residual = None if residual is None else self._dense(residual)
         dtype = self._check_dtype(x, *(a for a in (bias, residual) if a is not None))
         n, k = weight.shape
-        if x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
-            raise ValueError(f"linear: x [..., {k}] and bias [{n}] expected for weight {weight.shape}, "
-                             f"got x {x.shape}, bias {None if bias is None else bias.shape}")
-        if residual is not None and residual.shape != (*x.shape[:-1], n):
-            raise ValueError(f"linear: residual must have the output shape {(*x.shape[:-1], n)}, got {residual.shape}")
         half = weight.dtype == np.float16
-        if not half and weight.dtype != dtype:
-            raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {dtype}")
         m = x.size // k if k else 0
         out = self._new((*x.shape[:-1], n), dtype)
         if out.size == 0:
@@ -523,15 +527,16 @@ class OpenCLBackend(Backend):
         return np.int32(ACTIVATION_CODES[kind])
 
     def activation(self, x, kind):
+        code = self._activation_code(kind)
+        ops.check_float(f"{kind} x", x)
         x = self._dense(x)
         self._check_dtype(x)
-        return self._map("activation", x, self._activation_code(kind), x.data)
+        return self._map("activation", x, code, x.data)
 
     def gated(self, gate, up, kind):
+        ops.check_gated(gate, up)
         gate, up = self._dense(gate), self._dense(up)
         self._check_dtype(gate, up)
-        if gate.shape != up.shape:
-            raise ValueError(f"gated needs equal shapes, got gate {gate.shape} and up {up.shape}")
         return self._map("gated", gate, self._activation_code(kind), gate.data, up.data)
 
     def _row_groups(self, width: int) -> int:
@@ -539,11 +544,10 @@ class OpenCLBackend(Backend):
         return min(self.group_size, _next_pow2(max(width, 1)))
 
     def rmsnorm(self, x, weight, eps, unit_offset=False):
+        eps = ops.check_rmsnorm(x, weight, eps)
         x = self._dense(x)
         dtype = self._check_dtype(x, weight)
         width = x.shape[-1]
-        if weight.shape != (width,):
-            raise ValueError(f"rmsnorm weight must have shape ({width},), got {weight.shape}")
         out = self._new(x.shape, dtype)
         rows = x.size // width if width else 0
         if rows:
@@ -569,9 +573,8 @@ class OpenCLBackend(Backend):
     # ---------------------------------------------------------------- attention
 
     def split_heads(self, x, n_head):
+        ops.check_split_heads(x, n_head)
         b, t, width = x.shape
-        if width % n_head:
-            raise ValueError(f"split_heads: width {width} is not divisible by n_head={n_head}")
         return self._dense(x).reshape(b, t, n_head, width // n_head).transpose((0, 2, 1, 3))  # a view
 
     def merge_heads(self, x):
@@ -579,14 +582,9 @@ class OpenCLBackend(Backend):
         return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)  # free for attention's output
 
     def rope(self, x, cos, sin, layout):
+        ops.check_rope(x, cos, sin, layout)
         dtype = self._check_dtype(x)
         b, h, t, d = x.shape
-        if layout not in ("rotate_half", "interleaved"):
-            raise ValueError(f"rope layout must be 'rotate_half' or 'interleaved', got {layout!r}")
-        if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
-            raise ValueError(f"rope: cos/sin must have shape [{b} or 1, {t}, {d}], got {cos.shape} / {sin.shape}")
-        if d % 2:
-            raise ValueError(f"rope needs an even head_dim, got {d}")
         out = self._new(x.shape, dtype)
         if out.size:
             cos_d, sin_d = self.upload(cos.astype(dtype)), self.upload(sin.astype(dtype))
@@ -602,26 +600,14 @@ class OpenCLBackend(Backend):
         return (a.data, np.int64(a.offset), *(np.int64(s) for s in a.strides[:3]))
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
+        key_mask, q_start, segments = ops.check_attention(q, k, v, key_mask=key_mask, q_start=q_start,
+                                                          mask_fill=mask_fill, segment_ids=segment_ids)
         dtype = self._check_dtype(q, k, v)
-        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-            raise ValueError(f"attention needs q [B, Hq, Tq, D] and k = v [B, Hkv, Tk, D], got q {q.shape}, "
-                             f"k {k.shape}, v {v.shape}")
         b, hq, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
-        if hq % hkv:
-            raise ValueError(f"attention: query heads {hq} must be a multiple of key/value heads {hkv}")
-        if mask_fill not in ("finite_min", "-inf"):
-            raise ValueError(f"mask_fill must be 'finite_min' or '-inf', got {mask_fill!r}")
-        if key_mask is not None:
-            key_mask = np.asarray(key_mask, dtype=bool)
-            if key_mask.shape != (b, tk):
-                raise ValueError(f"key_mask must have shape ({b}, {tk}), got {key_mask.shape}")
         out = self._new((b, tq, hq, d), dtype).transpose((0, 2, 1, 3))  # [B, Hq, Tq, D]: merge_heads is free
         if out.size == 0:
             return out
-        if tk == 0:
-            raise ValueError("attention needs at least one key (Tk >= 1)")
-        segments = ops.check_segment_ids(segment_ids, b, tq, tk, q_start)
         mask = self.upload((key_mask if key_mask is not None else np.ones((1, 1), bool)).astype(np.uint8))
         segment_data = self.upload(segments if segments is not None else np.zeros((1, 1), np.int32))
         fill = {"MASK_FILL_FINITE": 1} if mask_fill == "finite_min" else {}
