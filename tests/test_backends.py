@@ -190,3 +190,15 @@ def test_attention_integer_key_mask_and_q_start_past_the_keys(name):
         np.testing.assert_array_equal(attend(q, k, v, key_mask=ints, **kwargs), past)
     np.testing.assert_allclose(past, attend(q, k, v, key_mask=ints, **(kwargs | dict(causal=False))),
                                rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_BACKENDS)
+def test_softmax_over_the_last_axis_is_the_reference(name):
+    """Backend.softmax (the golden softmax op runs it too) equals ops.softmax, -inf entries included."""
+    be = get_backend(name)
+    dtype = np.float64 if "float64" in be.dtypes else np.float32
+    x = np.random.default_rng(4).standard_normal((3, 5, 300)).astype(dtype) * 30
+    x[0, 0, :7] = -np.inf
+    got = be.to_numpy(be.softmax(be.asarray(x)))
+    np.testing.assert_allclose(got, ops.softmax(x, axis=-1), rtol=8 * np.finfo(dtype).eps, atol=0)
+    assert (got[0, 0, :7] == 0).all()

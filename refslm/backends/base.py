@@ -74,6 +74,11 @@ class Backend:
         """act(gate) * up (SwiGLU: kind 'silu'; GeGLU: 'gelu_tanh' / 'gelu_erf')."""
         raise NotImplementedError
 
+    def softmax(self, x: Array) -> Array:
+        """[..., N] -> [..., N]: softmax over the last axis; see ops.softmax. (Not called by the models,
+        whose softmax lives inside attention and the losses; the golden softmax op checks it.)"""
+        raise NotImplementedError
+
     # ---- attention
     def split_heads(self, x: Array, n_head: int) -> Array:
         """[B, T, H*D] -> [B, H, T, D]."""

@@ -37,6 +37,9 @@ class NumpyBackend(Backend):
             y += residual  # y is a fresh array
         return y
 
+    def softmax(self, x):
+        return ops.softmax(x, axis=-1)
+
     def rmsnorm(self, x, weight, eps, unit_offset=False):
         return ops.rmsnorm(x, weight, eps, unit_offset)
 

@@ -559,6 +559,7 @@ class OpenCLBackend(Backend):
 
     def softmax(self, x):
         """[..., N] -> [..., N]: softmax over the last axis (ops.softmax)."""
+        ops.check_softmax(x, -1)
         x = self._dense(x)
         dtype = self._check_dtype(x)
         width = x.shape[-1]
