@@ -194,9 +194,3 @@ def test_bench_paper_quick_end_to_end(tmp_path, capsys):
     for row in result["rows"]:
         assert row["flops_ed"] == flops.generation_flops(paper_small(), row["input_len"], 16).total
         assert row["first_token_s_ed"] > 0 and row["throughput_tok_s_do"] > 0 and row["peak_extra_bytes_do"] > 0
-
-
-def test_decoder_only_preset_is_the_matched_baseline():
-    from refslm.config import paper_330m, paper_330m_decoder_only
-
-    assert paper_330m_decoder_only() == matched_decoder_only(paper_330m())
