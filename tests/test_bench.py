@@ -68,3 +68,20 @@ def test_bench_model_reports_opencl_launches_per_step(capsys):
     out = capsys.readouterr().out
     assert "opencl: 21 kernel launches per decode step" in out
     assert re.search(r"opencl: the device runs kernels \d+% of the decode time", out)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["gemm", "--sizes", "abc"], "argument --sizes: expected an int >= 1, got 'abc'"),
+    (["gemm", "--sizes", "64,0"], "argument --sizes: expected an int >= 1, got 0"),
+    (["gemm", "--gemv", "5"], r"argument --gemv: expected N,K \(two ints >= 1\), got '5'"),
+    (["attention", "--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+    (["loss", "--repeat", "0"], "argument --repeat: expected an int >= 1, got 0"),
+    (["model", "--seed", "-1"], "argument --seed: expected an int >= 0, got -1"),
+    (["model", "--bandwidth", "25", "inf"], "argument --bandwidth: expected a finite number > 0, got 'inf'"),
+    (["paper", "--lengths", "128", "-4"], "argument --lengths: expected an int >= 1, got -4"),
+])
+def test_bench_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -455,3 +455,10 @@ def test_from_params_refuses_non_finite_parameters():
     params["model.norm.weight"][3] = np.nan
     with pytest.raises(models.ParameterError, match="parameter model.norm.weight holds NaN or inf"):
         models.from_params(cfg, params, dtype="float64")
+
+
+def test_init_seed_is_a_non_negative_int():
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        models.init(tiny_decoder_only(), seed=-1)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        models.init(tiny_decoder_only(), seed=1.5)

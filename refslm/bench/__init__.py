@@ -8,6 +8,7 @@ tracemalloc).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import statistics
 import time
@@ -58,9 +59,47 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return max(0, peak - base)
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)  # counts, sizes, repeats
+seed_int = int_at_least(0)
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated ints >= 1, e.g. '256,512'."""
+    values = [positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (ceilings in GFLOP/s, GB/s)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def add_backend_argument(parser) -> None:
     """`--backend NAME [NAME ...]`, also repeatable; default (None): every installed backend."""
-    parser.add_argument("--backend", nargs="+", action="extend", metavar="NAME",
+    from ..backends import backend_names
+
+    parser.add_argument("--backend", nargs="+", action="extend", metavar="NAME", choices=backend_names(),
                         help="backends to run: numpy, numba, opencl (default: every installed one)")
 
 

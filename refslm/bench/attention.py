@@ -13,15 +13,23 @@ import os
 
 import numpy as np
 
-from . import add_backend_argument, gemm_gflops, peak_extra_bytes, selected_backends, time_call, usable_backends
+from . import (
+    add_backend_argument,
+    gemm_gflops,
+    peak_extra_bytes,
+    positive_int,
+    selected_backends,
+    time_call,
+    usable_backends,
+)
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--heads", type=positive_int, default=6)
+    parser.add_argument("--tokens", type=positive_int, default=2048)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs per case (median reported)")
     add_backend_argument(parser)  # numpy is always the baseline
 
 

@@ -9,18 +9,37 @@ tiles ('TM,TN,TK,RM,RN') are swept with --tiles.
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
-from . import add_backend_argument, selected_backends, time_call, usable_backends
+from . import (
+    add_backend_argument,
+    positive_int,
+    positive_ints,
+    selected_backends,
+    time_call,
+    usable_backends,
+)
+
+
+def gemv_shape(text: str) -> list[int]:
+    """argparse type: 'N,K', two ints >= 1."""
+    shape = positive_ints(text)
+    if len(shape) != 2:
+        raise argparse.ArgumentTypeError(f"expected N,K (two ints >= 1), got {text!r}")
+    return shape
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--sizes", default="256,512,1024", help="comma-separated square sizes n (default %(default)s)")
-    parser.add_argument("--gemv", default="4096,1024", help="N,K of the decode GEMV (default %(default)s)")
+    parser.add_argument("--sizes", type=positive_ints, default="256,512,1024",
+                        help="comma-separated square sizes n (default %(default)s)")
+    parser.add_argument("--gemv", type=gemv_shape, default="4096,1024",
+                        help="N,K of the decode GEMV (default %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     add_backend_argument(parser)
     parser.add_argument("--tiles", default="", help="OpenCL GEMM tiles to sweep, ';'-separated 'TM,TN,TK,RM,RN'")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=positive_int, default=5)
 
 
 def _runners(names: list[str], tiles: list[str]):
@@ -67,7 +86,7 @@ def _row(case: str, label: str, seconds: float, rate: str, ratio: float, err: fl
 
 def run(args) -> int:
     dtype = np.dtype(args.dtype)
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = args.sizes
     tiles = [t for t in args.tiles.split(";") if t]
     runners = _runners(selected_backends(args), tiles)
     rng = np.random.default_rng(0)
@@ -85,7 +104,7 @@ def run(args) -> int:
             err = _error(got, ref)
             ok &= err < (1e-4 if dtype == np.float32 else 1e-12)
             _row(f"gemm n={n}", label, seconds, f"{gflops:.1f} GFLOP/s", gflops / base, err)
-    n_out, k = (int(s) for s in args.gemv.split(","))
+    n_out, k = args.gemv
     x = rng.standard_normal((1, k)).astype(dtype)
     w = rng.standard_normal((n_out, k)).astype(dtype)
     ref = x.astype(np.float64) @ w.astype(np.float64).T

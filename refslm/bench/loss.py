@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
+from . import (
+    add_backend_argument,
+    peak_extra_bytes,
+    positive_int,
+    selected_backends,
+    time_call,
+)
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--rows", type=int, default=4096, help="tokens (B*T), default 4096")
-    parser.add_argument("--vocab", type=int, default=32064, help="vocabulary, default 32064")
+    parser.add_argument("--rows", type=positive_int, default=4096, help="tokens (B*T), default 4096")
+    parser.add_argument("--vocab", type=positive_int, default=32064, help="vocabulary, default 32064")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--chunk-rows", type=int, default=256, help="streaming form: rows per chunk")
-    parser.add_argument("--chunk-vocab", type=int, default=4096, help="streaming form: vocabulary columns per chunk")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per form (median reported)")
+    parser.add_argument("--chunk-rows", type=positive_int, default=256, help="streaming form: rows per chunk")
+    parser.add_argument("--chunk-vocab", type=positive_int, default=4096,
+                        help="streaming form: vocabulary columns per chunk")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="timed runs per form (median reported)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     add_backend_argument(parser)  # the NumPy direct and streaming forms are always the baseline
 

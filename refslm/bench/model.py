@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import flops
 from ..config import PRESETS
-from . import add_backend_argument, gemm_gflops, selected_backends, time_call
+from . import add_backend_argument, gemm_gflops, positive_float, positive_int, seed_int, selected_backends, time_call
 
 GEMM_GFLOPS = 185.0  # anchors.md: float32 GEMM through OpenBLAS, 2 cores, 180-190 GFLOP/s
 BANDWIDTH_GBS = (25.0, 36.0)  # anchors.md: streaming read / large GEMV
@@ -99,15 +99,15 @@ def format_table(rows: list[dict], ceilings: dict) -> str:
 def arguments(parser) -> None:
     """Options of `refslm bench model`."""
     parser.add_argument("--preset", default="paper-330m", choices=sorted(PRESETS), help="model configuration")
-    parser.add_argument("--input-len", type=int, default=1024, help="encoder input / prompt length")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--input-len", type=positive_int, default=1024, help="encoder input / prompt length")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="decode steps timed")
+    parser.add_argument("--batch", type=positive_int, default=1)
     add_backend_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs (median reported) after one warm-up")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gflops", type=float, default=GEMM_GFLOPS, help="compute ceiling, GFLOP/s")
-    parser.add_argument("--bandwidth", type=float, nargs=2, default=BANDWIDTH_GBS, metavar=("LOW", "HIGH"),
+    parser.add_argument("--repeat", type=positive_int, default=2, help="timed runs (median reported) after one warm-up")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--gflops", type=positive_float, default=GEMM_GFLOPS, help="compute ceiling, GFLOP/s")
+    parser.add_argument("--bandwidth", type=positive_float, nargs=2, default=BANDWIDTH_GBS, metavar=("LOW", "HIGH"),
                         help="memory bandwidth ceiling range, GB/s")
 
 

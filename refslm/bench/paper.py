@@ -28,7 +28,14 @@ import numpy as np
 
 from .. import flops
 from ..config import DecoderOnlyConfig, EncoderDecoderConfig, paper_330m
-from . import add_backend_argument, peak_extra_bytes, selected_backends, time_call
+from . import (
+    add_backend_argument,
+    peak_extra_bytes,
+    positive_int,
+    seed_int,
+    selected_backends,
+    time_call,
+)
 
 # The paper's claims as ED/DO ratios (lower is better except throughput).
 PAPER = {
@@ -292,14 +299,14 @@ def arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"small model only: lengths {QUICK['lengths']}, {QUICK['new_tokens']} new tokens")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), help=f"model sizes (default {FULL['sizes']})")
-    parser.add_argument("--lengths", nargs="+", type=int, help=f"input lengths (default {FULL['lengths']})")
-    parser.add_argument("--new-tokens", type=int, help=f"tokens generated (default {FULL['new_tokens']})")
-    parser.add_argument("--repeat", type=int,
+    parser.add_argument("--lengths", nargs="+", type=positive_int, help=f"input lengths (default {FULL['lengths']})")
+    parser.add_argument("--new-tokens", type=positive_int, help=f"tokens generated (default {FULL['new_tokens']})")
+    parser.add_argument("--repeat", type=positive_int,
                         help=f"timed runs per measurement, median reported (default {FULL['repeat']})")
     add_backend_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--out", type=Path, help="folder for paper.csv, paper.json, paper.png")
 
 
