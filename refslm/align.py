@@ -659,8 +659,8 @@ def align_arguments(parser) -> None:
     parser.add_argument("--target", required=True, help="target text")
     parser.add_argument("--encoder-len", type=int, help="encoder length (default: the source's token count)")
     parser.add_argument("--decoder-len", type=int, help="decoder length (default: the target's token count)")
-    parser.add_argument("--pad-id", type=int, default=0, help="pad id (default 0, the paper's tokenizer)")
-    parser.add_argument("--bos-id", type=int, default=1, help="BOS id (default 1, the paper's tokenizer)")
+    parser.add_argument("--pad-id", type=int, help="pad id (default 0, the paper's tokenizer; paper layout only)")
+    parser.add_argument("--bos-id", type=int, help="BOS id (default 1, the paper's tokenizer; paper layout only)")
 
 
 def align_command(args) -> int:
@@ -672,8 +672,10 @@ def align_command(args) -> int:
     try:
         student_tokenizer = load_tokenizer(args.tokenizer)
         if args.teacher_tokenizer:
-            if args.encoder_len is not None:
-                raise ValueError("--encoder-len applies to the shared-tokenizer (paper) layout only")
+            given = [option for option, value in (("--encoder-len", args.encoder_len), ("--pad-id", args.pad_id),
+                                                  ("--bos-id", args.bos_id)) if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: for the shared-tokenizer (paper) layout only")
             teacher_tokenizer = load_tokenizer(args.teacher_tokenizer)
             table = cross_tokenizer_table(
                 student_tokenizer, teacher_tokenizer, args.source, args.target, decoder_len=args.decoder_len
@@ -681,7 +683,8 @@ def align_command(args) -> int:
         else:
             table = shared_tokenizer_table(
                 student_tokenizer, args.source, args.target, encoder_len=args.encoder_len,
-                decoder_len=args.decoder_len, pad_id=args.pad_id, bos_id=args.bos_id,
+                decoder_len=args.decoder_len, pad_id=0 if args.pad_id is None else args.pad_id,
+                bos_id=1 if args.bos_id is None else args.bos_id,
             )
     except (ValueError, OSError, ImportError) as error:
         print(f"refslm align: error: {error}", file=sys.stderr)

@@ -528,6 +528,13 @@ def test_cli_checks_lengths_and_ids(tmp_path, capsys, argv, message):
         assert status == 2 and message in err, err
 
 
+def test_cli_paper_layout_options_are_refused_with_a_teacher_tokenizer(tmp_path, capsys):
+    student, teacher = saved_tokenizers(tmp_path)
+    status, _, err = run_cli(capsys, "--tokenizer", student, "--teacher-tokenizer", teacher, "--source", "a",
+                             "--target", "hello", "--encoder-len", "4", "--bos-id", "1")
+    assert status == 2 and "--encoder-len, --bos-id: for the shared-tokenizer (paper) layout only" in err, err
+
+
 def test_cli_unreadable_tokenizer_files_exit_2_naming_the_file(tmp_path, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text('{"not": "a tokenizer"}')
