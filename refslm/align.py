@@ -130,6 +130,8 @@ class PaperLayout:
         check_int("decoder_len", self.decoder_len, 1)
         check_int("pad_id", self.pad_id, 0)
         check_int("bos_id", self.bos_id, 0)
+        if not isinstance(self.truncate_target, bool):
+            raise ValueError(f"truncate_target must be True or False, got {self.truncate_target!r}")
 
     def fit(self, sources, targets, vocab_size: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Validated pairs with sources truncated to encoder_len and targets fitted to decoder_len
@@ -453,7 +455,8 @@ def vocab_map(
 
 def cut_after_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
     """[n] -> the ids up to and including the first EOS (all of them if there is none)."""
-    hits = np.flatnonzero(ids == eos_id)
+    (ids,) = as_id_rows([ids], "ids")
+    hits = np.flatnonzero(ids == check_int("eos_id", eos_id, 0))
     return ids if hits.size == 0 else ids[: hits[0] + 1]
 
 
@@ -465,8 +468,11 @@ def replace_out_of_vocab(
     public_off_by_one=True reproduces the public code's `ids > len(tokenizer)`, which keeps the one
     id equal to tokenizer_size.
     """
+    (ids,) = as_id_rows([ids], "ids")
+    check_int("tokenizer_size", tokenizer_size, 1)
+    check_int("unk_id", unk_id, 0, tokenizer_size)
     out_of_vocab = ids > tokenizer_size if public_off_by_one else ids >= tokenizer_size
-    return np.where(out_of_vocab, unk_id, ids).astype(np.int64)
+    return np.where(out_of_vocab, unk_id, ids)
 
 
 def _check_tokenizer_ids(tokenizer_size: int, eos_id: int, unk_id: int) -> None:
@@ -499,6 +505,9 @@ def sample_on_policy_targets(
     """
     check_int("max_new_tokens", max_new_tokens, 1)
     _check_tokenizer_ids(tokenizer_size, eos_id, unk_id)
+    if not getattr(student, "is_encoder_decoder", False):
+        raise ValueError("student must be an encoder-decoder model (the paper's student: sources go to its "
+                         "encoder); a decoder-only student would continue right-padded prompts")
     generated = np.asarray(
         student.generate(
             encoder_input_ids, max_new_tokens, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,

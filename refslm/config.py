@@ -203,7 +203,10 @@ class _AttentionFields:
         if unknown and not ignore_unknown:
             raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
         settable = {f.name for f in fields if f.init}  # `kind` is derived, not set
-        return cls(**{k: v for k, v in data.items() if k in settable})
+        config = cls(**{k: v for k, v in data.items() if k in settable})
+        if data.get("kind", config.kind) != config.kind:
+            raise ConfigError(f"{cls.__name__}.from_dict: the data is for kind {data['kind']!r}, not {config.kind!r}")
+        return config
 
 
 @dataclass

@@ -83,6 +83,10 @@ class CachedDecoder:
                 raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
             prefix = ids
             mask = check_attention_mask(attention_mask, ids.shape, left_padded=True)
+            if mask is None and cfg.pad_token_id is not None and (ids[:, -1] == cfg.pad_token_id).any():
+                row = int(np.flatnonzero(ids[:, -1] == cfg.pad_token_id)[0])
+                raise ValueError(f"input_ids row {row} ends with the pad id {cfg.pad_token_id}: decoder-only prompts "
+                                 "must be LEFT padded (or give an attention_mask marking that token real)")
             self.offset = leading_pads(ids, cfg.pad_token_id, mask)[:, None]
             if mask is not None:
                 self.real = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=bool)

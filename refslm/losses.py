@@ -248,6 +248,8 @@ def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple
     row_weight = np.asarray(row_weight, dtype=np.float64)
     if row_weight.shape != (n,):
         raise ValueError(f"row_weight must have shape ({n},), got {row_weight.shape}")
+    if not (np.isfinite(row_weight) & (row_weight >= 0)).all():
+        raise ValueError("row_weight must hold finite numbers >= 0 (mask x reduction x coefficient)")
     if kind == "cross_entropy":
         if targets is None:
             raise ValueError("targets [N] are required for kind 'cross_entropy'")
@@ -715,13 +717,21 @@ def divergence(kind: str, student, teacher, *, beta: float = 0.0, mask=None, lab
 
 
 def forward_kl(student, teacher, **options):
-    """KL(p_teacher || q_student) per token; options as `divergence`. -> (value, grad_student_logits)."""
-    return divergence("forward_kl", student, teacher, **options)
+    """KL(p_teacher || q_student) per token; options as `divergence` but beta. -> (value, grad_student_logits)."""
+    return divergence("forward_kl", student, teacher, **_no_beta("forward_kl", options))
 
 
 def reverse_kl(student, teacher, **options):
-    """KL(q_student || p_teacher) per token (the paper's choice); options as `divergence`."""
-    return divergence("reverse_kl", student, teacher, **options)
+    """KL(q_student || p_teacher) per token (the paper's choice); options as `divergence` but beta."""
+    return divergence("reverse_kl", student, teacher, **_no_beta("reverse_kl", options))
+
+
+def _no_beta(name: str, options: dict) -> dict:
+    """A plain KL has no beta: passing one (meant for jsd or a skew) is an error, not silently ignored."""
+    if "beta" in options:
+        raise TypeError(f"{name} takes no beta (it belongs to generalized_jsd and the skews), got "
+                        f"beta={options['beta']!r}")
+    return options
 
 
 def generalized_jsd(student, teacher, beta: float = 0.5, **options):

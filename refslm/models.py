@@ -505,6 +505,8 @@ class Model:
         cfg = self.config
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         te = ids.shape[1]
+        if not isinstance(centred_positions, bool):
+            raise TypeError(f"centred_positions must be True or False, got {centred_positions!r}")
         positions = ops.centred_positions(te) if centred_positions else np.arange(te)
         mask = key_mask(ids, cfg.pad_token_id, check_attention_mask(attention_mask, ids.shape))
         rope = self.rope(positions, te)

@@ -221,10 +221,17 @@ def check_token_ids(ids, vocab_size: int, name: str = "token ids") -> np.ndarray
 
 def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """[B, T] int, [V, C] -> [B, T, C]: rows of the table. Ids outside [0, V) raise ValueError."""
-    check_float("embedding table", table)
-    if table.ndim != 2:
+    return table[check_embedding(ids, table)]
+
+
+def check_embedding(ids, table, half_table: bool = False) -> np.ndarray:
+    """table [V, C] float (float16 too when half_table: a backend's half weight storage), ids ints in
+    [0, V) -> ids as int64 (check_token_ids)."""
+    if not (half_table and getattr(table, "dtype", None) == np.float16):
+        check_float("embedding table", table)
+    if len(table.shape) != 2:
         raise ValueError(f"embedding table must have shape [V, C], got {table.shape}")
-    return table[check_token_ids(ids, table.shape[0])]
+    return check_token_ids(ids, table.shape[0])
 
 
 # ---------------------------------------------------------------- rotary position embedding
@@ -363,10 +370,15 @@ def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(b, t, n_head, width // n_head).transpose(0, 2, 1, 3)
 
 
+def check_merge_heads(x) -> None:
+    """x [B, H, T, D]."""
+    if len(x.shape) != 4:
+        raise ValueError(f"merge_heads x must have shape [B, H, T, D], got {x.shape}")
+
+
 def merge_heads(x: np.ndarray) -> np.ndarray:
     """[B, H, T, D] -> [B, T, H*D]."""
-    if x.ndim != 4:
-        raise ValueError(f"merge_heads x must have shape [B, H, T, D], got {x.shape}")
+    check_merge_heads(x)
     b, h, t, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 

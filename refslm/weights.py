@@ -406,8 +406,8 @@ def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None
     Phi-3 layouts get Hugging Face names and config.json, loadable by transformers. A tied head is
     stored once (as the embedding).
     """
-    storage = storage or model.dtype
-    if storage not in FLOAT_STORAGE:
+    storage = model.dtype if storage is None else storage
+    if not isinstance(storage, str) or storage not in FLOAT_STORAGE:
         raise ValueError(f"storage must be one of {sorted(FLOAT_STORAGE)}, got {storage!r}")
     config_data = config_to_dict(model.config, storage)
     directory = Path(directory)

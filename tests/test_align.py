@@ -215,7 +215,9 @@ def test_vocab_id_pairs_and_gradient_expansion():
 
 
 class ScriptedStudent:
-    """Stands in for a model: `generate` returns fixed rows and records its arguments."""
+    """Stands in for an encoder-decoder model: `generate` returns fixed rows and records its arguments."""
+
+    is_encoder_decoder = True
 
     def __init__(self, rows):
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -556,3 +558,19 @@ def test_cli_target_without_tokens_exits_2(tmp_path, capsys):
     status, _, err = run_cli(capsys, "--tokenizer", path, "--teacher-tokenizer", path, "--source", "a",
                              "--target", "   ")
     assert status == 2 and "the student tokenizer encodes '   ' to no tokens" in err, err
+
+
+def test_on_policy_helpers_check_their_rows_and_student():
+    with pytest.raises(ValueError, match=r"ids\[0\]: expected a 1-D sequence of token ids, got shape \(3, 2\)"):
+        align.cut_after_eos(np.array([[1, 2], [3, 4], [5, 6]]), 2)
+    with pytest.raises(ValueError, match=r"ids\[0\]: token id -5 is outside"):
+        align.replace_out_of_vocab(np.array([3, -5]), 8, 0)
+    with pytest.raises(ValueError, match=r"unk_id must be an int in \[0, 8\), got 99"):
+        align.replace_out_of_vocab(np.array([3, 9]), 8, 99)
+    with pytest.raises(ValueError, match="student must be an encoder-decoder model"):
+        align.kd_batch(tiny_teacher(), [[5, 6]], align.PaperLayout(4, 3), eos_id=2, unk_id=3, tokenizer_size=512)
+
+
+def test_truncate_target_must_be_a_bool():
+    with pytest.raises(ValueError, match="truncate_target must be True or False, got 'no'"):
+        align.PaperLayout(4, 3, truncate_target="no")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refslm import models
-from refslm.config import ConfigError, EncoderDecoderConfig, tiny_decoder_only, tiny_encoder_decoder
+from refslm.config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig, tiny_decoder_only, tiny_encoder_decoder
 
 
 def test_config_dict_round_trip_and_unknown_fields():
@@ -142,3 +142,10 @@ def test_longrope_factors_accept_lists_tuples_and_arrays():
     for value in ([1, 2, 3, 4], (1.0, 2.0, 3.0, 4.0), np.array([1.0, 2.0, 3.0, 4.0])):
         cfg = tiny_decoder_only(**{**LONGROPE, "rope_short_factor": value}, rope_original_max_position=16)
         assert cfg.rope_short_factor == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_from_dict_refuses_the_other_kind():
+    data = tiny_encoder_decoder().to_dict()
+    with pytest.raises(ConfigError, match="the data is for kind 'encoder_decoder', not 'decoder_only'"):
+        DecoderOnlyConfig.from_dict(data)
+    assert EncoderDecoderConfig.from_dict(data) == tiny_encoder_decoder()

@@ -316,3 +316,12 @@ def test_bad_attention_mask(mask, message):
         model.generate(PROMPT, 2, attention_mask=mask)
     if "left padding" in message:  # a mask with holes is fine for plain logits
         model.logits(PROMPT, attention_mask=mask)
+
+
+def test_right_padded_decoder_only_prompt_is_refused():
+    """Its next-token logits would be read at a pad position (the pad-id rule masks that token)."""
+    model = models.init(CONFIGS["mu"], seed=0, dtype="float64")
+    with pytest.raises(ValueError, match="input_ids row 0 ends with the pad id 0: decoder-only prompts must be LEFT"):
+        model.generate(np.array([[5, 6, 0, 0]]), 2, greedy=True)
+    marked = model.generate(np.array([[5, 6, 0]]), 2, greedy=True, attention_mask=np.array([[1, 1, 1]]))
+    assert marked.shape == (1, 2)  # with a mask saying so, a final id 0 is a real token

@@ -516,6 +516,16 @@ def test_wrongly_typed_settings_are_a_type_error(call, message):
         call(s, t, y)
 
 
+def test_plain_kls_refuse_a_beta_and_rows_refuse_bad_weights():
+    s, t = logits(55, (2, 3, 5)), logits(56, (2, 3, 5))
+    for fn in (losses.forward_kl, losses.reverse_kl):
+        with pytest.raises(TypeError, match=f"{fn.__name__} takes no beta"):
+            fn(s, t, beta=0.7)
+    for weight in ([np.nan, 1, 1], [np.inf, 1, 1], [-1, 1, 1]):
+        with pytest.raises(ValueError, match="row_weight must hold finite numbers >= 0"):
+            rows("forward_kl", s[0], t[0], w=np.array(weight, float))
+
+
 def test_numpy_scalar_settings_are_accepted():
     s, t = logits(53, (2, 3, 5)), logits(54, (2, 3, 5))
     expected = losses.generalized_jsd(s, t, beta=0.25, temperature=2.0)

@@ -462,3 +462,9 @@ def test_init_seed_is_a_non_negative_int():
         models.init(tiny_decoder_only(), seed=-1)
     with pytest.raises(TypeError, match="seed must be an int, got float"):
         models.init(tiny_decoder_only(), seed=1.5)
+
+
+def test_centred_positions_must_be_a_bool():
+    model = models.init(tiny_encoder_decoder(), seed=0, dtype="float64")
+    with pytest.raises(TypeError, match="centred_positions must be True or False, got 'no'"):
+        model.logits(ENC, DEC, centred_positions="no")

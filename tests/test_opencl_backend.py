@@ -374,3 +374,21 @@ def test_kernel_seconds_profiles_the_kernels_of_a_call():
     assert busy == sum(e.profile.end - e.profile.start for e in recorded) * 1e-9 and wall > 0
     assert OCL._recorded is None  # events are kept only while measuring
     assert OCL.kernel_seconds(lambda: None)[1] == 0  # nothing enqueued, no device time
+
+
+def test_host_transfers_refuse_what_is_no_number():
+    """Object arrays hold host pointers: copied to a device and back they crashed the process."""
+    with pytest.raises(TypeError, match="asarray x must be a bool, integer or float array, got dtype object"):
+        OCL.asarray(np.array([[1] * 10, 0], dtype=object))
+    assert OCL.to_numpy(OCL.asarray(np.array(2.5))).shape == ()  # a 0-d array stays 0-d
+    with pytest.raises(ValueError, match=r"empty: shape must be ints >= 0, got \(-2, 3\)"):
+        OCL.empty((-2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"empty: shape must be ints >= 0, got \(2.7, 3\)"):
+        OCL.empty((2.7, 3), np.float32)
+    buf = OCL.empty((1, 1, 4, 2), np.float32)
+    with pytest.raises(TypeError, match="write_time start must be an int, got float"):
+        OCL.write_time(buf, OCL.asarray(np.ones((1, 1, 1, 2), np.float32)), 1.5)
+    with pytest.raises(ValueError, match=r"merge_heads x must have shape \[B, H, T, D\]"):
+        OCL.merge_heads(OCL.asarray(np.ones((2, 3, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"embedding table must have shape \[V, C\]"):
+        OCL.embedding(np.array([[1]]), OCL.asarray(np.ones(4, np.float32)))

@@ -302,8 +302,9 @@ def test_save_rejects_what_hugging_face_cannot_express(tmp_path):
     phi3 = models.init(tiny_decoder_only(layout="phi3", **{**HF_FORM, "head_dim": 12}))
     with pytest.raises(CheckpointError, match="head_dim=12 != n_embd / n_head"):
         save(phi3, tmp_path)
-    with pytest.raises(ValueError, match="storage"):
-        save(phi3, tmp_path, storage="int8")
+    for storage in ("int8", "", ["float16"]):  # "" is no "use the model's dtype" (None is)
+        with pytest.raises(ValueError, match=r"storage must be one of \['bfloat16', 'float16', 'float32', 'float64'\]"):
+            save(phi3, tmp_path, storage=storage)
 
 
 # ---------------------------------------------------------------- config.json value types

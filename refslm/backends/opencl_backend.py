@@ -222,6 +222,15 @@ class DeviceArray:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, strides={self.strides}, offset={self.offset})"
 
 
+def _numeric(name: str, x) -> np.ndarray:
+    """x as an ndarray of bool, integers or floats (anything else, e.g. object arrays of pointers, must never
+    be copied to a device); TypeError naming it otherwise."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a bool, integer or float array, got dtype {x.dtype}")
+    return x
+
+
 def _check_device(x) -> DeviceArray:
     """x, if it is a device array; TypeError otherwise (host arrays enter through asarray / weight)."""
     if not isinstance(x, DeviceArray):
@@ -389,11 +398,11 @@ class OpenCLBackend(Backend):
         return dtype
 
     def asarray(self, x: np.ndarray) -> DeviceArray:
-        """Host array -> device array of the same dtype (a blocking upload)."""
-        x = np.ascontiguousarray(x)
+        """Host array (bool, integer or float) -> device array of the same shape and dtype (a blocking upload)."""
+        x = _numeric("asarray x", x)
         out = self._new(x.shape, x.dtype)
         if x.size:
-            cl.enqueue_copy(self.queue, out.data, x, is_blocking=True)
+            cl.enqueue_copy(self.queue, out.data, np.ascontiguousarray(x), is_blocking=True)
         return out
 
     def weight(self, x: np.ndarray) -> DeviceArray:
@@ -410,7 +419,7 @@ class OpenCLBackend(Backend):
         contents (equal inputs, e.g. the same cos/sin or mask in every layer, are uploaded once), which
         also keeps the host buffer alive until the copy has long completed.
         """
-        host = np.ascontiguousarray(host)
+        host = np.ascontiguousarray(_numeric("upload host", host))
         key = (host.dtype.str, host.shape, host.tobytes())
         cached = self._uploads.get(key)
         if cached is None:
@@ -432,7 +441,9 @@ class OpenCLBackend(Backend):
         return host
 
     def empty(self, shape, dtype) -> DeviceArray:
-        return self._new(shape, dtype)
+        if not all(type(s) is int or isinstance(s, np.integer) for s in shape) or min(shape, default=0) < 0:
+            raise ValueError(f"empty: shape must be ints >= 0, got {shape!r}")
+        return self._new(shape, _numeric("empty dtype", np.empty(0, dtype)).dtype)
 
     def _copy(self, src: DeviceArray, dst: DeviceArray) -> None:
         """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
@@ -461,6 +472,7 @@ class OpenCLBackend(Backend):
         return out
 
     def write_time(self, buf, x, start):
+        start = ops.check_index("write_time start", start)
         t = x.shape[-2]
         if buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] or not 0 <= start <= buf.shape[-2] - t:
             raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
@@ -475,8 +487,8 @@ class OpenCLBackend(Backend):
     # ---------------------------------------------------------------- dense ops
 
     def embedding(self, ids, table):
+        ids = ops.check_embedding(ids, table, half_table=self.weight_storage == "float16")
         vocab, width = table.shape
-        ids = ops.check_token_ids(ids, vocab)
         half = table.dtype == np.float16  # weight_storage='float16': read as half, computed in float32
         dtype = np.dtype(np.float32) if half else self._check_dtype(table)
         out = self._new((*ids.shape, width), dtype)
@@ -579,6 +591,7 @@ class OpenCLBackend(Backend):
         return self._dense(x).reshape(b, t, n_head, width // n_head).transpose((0, 2, 1, 3))  # a view
 
     def merge_heads(self, x):
+        ops.check_merge_heads(x)
         b, h, t, d = x.shape
         return self._dense(x.transpose((0, 2, 1, 3))).reshape(b, t, h * d)  # free for attention's output
 
@@ -646,8 +659,8 @@ class OpenCLBackend(Backend):
         else:
             targets = np.zeros(1, np.int64)
         kind = losses.plain_kind(kind, beta)
-        if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != dtype
-                                     or not grad_out.is_dense):
+        if grad_out is not None and (not isinstance(grad_out, DeviceArray) or grad_out.shape != student.shape
+                                     or grad_out.dtype != dtype or not grad_out.is_dense):
             raise ValueError(f"grad_out must be a dense device array of shape {student.shape} and dtype {dtype}")
         grad = grad_out if grad_out is not None else self._new(student.shape, dtype)
         if n == 0:
