@@ -307,12 +307,14 @@ class OpenCLBackend(Backend):
         return tile
 
     def kernel(self, file: str, name: str, dtype: np.dtype, **defines: int) -> cl.Kernel:
-        """The kernel `name` of kernels/opencl/`file` built for dtype with -D defines (built once)."""
-        dtype = np.dtype(dtype)
-        key = (file, name, dtype.str, tuple(sorted(defines.items())))
-        if key not in self._kernels:
-            self._kernels[key] = getattr(self._build(file, dtype, defines), name)
-        return self._kernels[key]
+        """The kernel `name` of kernels/opencl/`file` built for dtype with -D defines (built once per
+        (file, name, dtype, defines in the order given): a decode step looks kernels up ~180 times, so
+        the key is the arguments as they come, without normalising)."""
+        key = (file, name, dtype, *defines.items())
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = getattr(self._build(file, np.dtype(dtype), defines), name)
+        return kernel
 
     def _build(self, file: str, dtype: np.dtype, defines: dict[str, int]) -> cl.Program:
         source_dir = kernels_dir() / "opencl"
@@ -380,7 +382,8 @@ class OpenCLBackend(Backend):
     # ---------------------------------------------------------------- data movement
 
     def _new(self, shape: tuple[int, ...], dtype) -> DeviceArray:
-        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        """A fresh dense device array; shape a tuple of Python ints (callers derive it from other arrays)."""
+        dtype = np.dtype(dtype)
         return DeviceArray(self.allocator(max(math.prod(shape), 1) * dtype.itemsize), shape, dtype)
 
     def _real(self, dtype) -> type:
@@ -443,7 +446,7 @@ class OpenCLBackend(Backend):
     def empty(self, shape, dtype) -> DeviceArray:
         if not all(type(s) is int or isinstance(s, np.integer) for s in shape) or min(shape, default=0) < 0:
             raise ValueError(f"empty: shape must be ints >= 0, got {shape!r}")
-        return self._new(shape, _numeric("empty dtype", np.empty(0, dtype)).dtype)
+        return self._new(tuple(int(s) for s in shape), _numeric("empty dtype", np.empty(0, dtype)).dtype)
 
     def _copy(self, src: DeviceArray, dst: DeviceArray) -> None:
         """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
