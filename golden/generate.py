@@ -16,7 +16,8 @@ Tolerances (SPEC.md section 8), measured per output, normwise (e = max|y' - y| /
           exactly representable inputs).
 r32 = ladder(SAFETY * max(e_run, e_cond)), never below FLOOR32; r64 = the same scaled by eps64/eps32,
 never below FLOOR64. Each output passes when every element satisfies
-|got - expected| <= atol + rtol * |expected| with rtol = r and atol = r * max|expected|.
+|got - expected| <= atol + rtol * |expected| with rtol = r and atol = ladder(r * max|expected|) (max over
+the finite expected values; r when they are all 0).
 """
 
 from __future__ import annotations

@@ -357,7 +357,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str = "r
 
 
 def check_split_heads(x, n_head: int) -> None:
-    """x [B, T, H*D] and n_head = H, an int >= 1 dividing the width."""
+    """x [B, T, H*D] float and n_head = H, an int >= 1 dividing the width."""
+    check_float("split_heads x", x)
     check_index("split_heads n_head", n_head, 1)
     if len(x.shape) != 3 or x.shape[2] % n_head:
         raise ValueError(f"split_heads x must have shape [B, T, n_head*D] with n_head={n_head}, got {x.shape}")
@@ -371,7 +372,8 @@ def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def check_merge_heads(x) -> None:
-    """x [B, H, T, D]."""
+    """x [B, H, T, D] float."""
+    check_float("merge_heads x", x)
     if len(x.shape) != 4:
         raise ValueError(f"merge_heads x must have shape [B, H, T, D], got {x.shape}")
 
@@ -471,6 +473,7 @@ def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: in
     segment_ids[b, q_start + i] (packed rows: block-diagonal attention).
     """
     allowed = None
+    segment_ids = check_segment_ids(segment_ids, batch, tq, tk, q_start)
     key_mask, q_start = check_key_mask(key_mask, batch, tk), check_q_start(q_start, tk)
     if key_mask is not None:
         allowed = np.broadcast_to(key_mask[:, None, None, :], (batch, 1, tq, tk))

@@ -153,10 +153,10 @@ def _token_id(data: dict[str, Any], name: str, layout: str) -> int | None:
     """
     value = data.get(name, HF_DEFAULTS[layout][name])
     if isinstance(value, list):
-        value = value[0] if value else None
+        value = _checked(name, value, "an int, a non-empty list of ints or null", bool)[0]
     if value is None:
         return None if name == "pad_token_id" else 0
-    return _checked(name, value, "an int, a list of ints or null", is_int)
+    return _checked(name, value, "an int, a non-empty list of ints or null", is_int)
 
 
 def _hf_bool(data: dict[str, Any], name: str) -> bool:

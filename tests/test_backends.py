@@ -121,6 +121,8 @@ BAD_INPUT = {  # case: (error, what the message must say, the call)
     "attention mixed dtypes": (TypeError, "attention k must have the dtype of the other operands",
                                lambda be: be.attention(ones((1, 1, 1, 4), f32), *(ones((1, 1, 2, 4)),) * 2, **ATTN)),
     "split_heads": (ValueError, "split_heads x must have shape", lambda be: be.split_heads(ones((1, 2, 6)), 4)),
+    "split_heads int": (TypeError, "split_heads x must be a float32 or float64 ndarray",
+                        lambda be: be.split_heads(ones((1, 2, 6), int), 2)),
     # 6. rmsnorm eps and weight shape (eps -1 or NaN gave NaN; weight (1,) broadcast)
     "rmsnorm eps -1": (ValueError, "rmsnorm eps must be a finite number > 0",
                        lambda be: be.rmsnorm(ones((2, 3)), ones(3), -1.0)),

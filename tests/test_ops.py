@@ -362,3 +362,17 @@ def test_attention_q_start_past_the_keys_sees_every_key():
     for q_start in (3, 4, 2**40, np.int64(2**62), 2**80):
         np.testing.assert_array_equal(ops.attention(q, k, v, causal=True, q_start=q_start), plain)
     assert ops.check_q_start(2**80, 4) == 4
+
+
+def test_attention_mask_checks_segment_ids_like_attention():
+    with pytest.raises(ValueError, match=r"segment_ids need self-attention .* q_start 3 \+ Tq 2 > Tk 4"):
+        ops.attention_mask(None, True, 1, 2, 4, 3, np.array([[1, 1, 2, 2]]))
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array of shape \(1, 4\)"):
+        ops.attention_mask(None, True, 1, 2, 4, 0, np.array([[1.0, 1, 2, 2]]))
+
+
+def test_split_and_merge_heads_need_float_arrays():
+    with pytest.raises(TypeError, match="split_heads x must be a float32 or float64 ndarray, got int64"):
+        ops.split_heads(np.ones((1, 2, 4), np.int64), 2)
+    with pytest.raises(TypeError, match="merge_heads x must be a float32 or float64 ndarray, got int64"):
+        ops.merge_heads(np.ones((1, 2, 2, 2), np.int64))
