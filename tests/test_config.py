@@ -1,6 +1,7 @@
 """Configuration validation and dict round trips."""
 
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -149,3 +150,16 @@ def test_from_dict_refuses_the_other_kind():
     with pytest.raises(ConfigError, match="the data is for kind 'encoder_decoder', not 'decoder_only'"):
         DecoderOnlyConfig.from_dict(data)
     assert EncoderDecoderConfig.from_dict(data) == tiny_encoder_decoder()
+
+
+@pytest.mark.parametrize("name, value", [("n_layer", True), ("n_layer", 2.0), ("block_size", 2.0), ("n_head", "2"),
+                                         ("vocab_size", np.float64(512))])
+def test_int_fields_refuse_bools_floats_and_strings(name, value):
+    with pytest.raises(ConfigError, match=re.escape(f"{name} must be a positive int, got {value!r}")):
+        tiny_decoder_only(**{name: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1.2", True, 0.0])
+def test_longrope_attention_factor_must_be_a_finite_positive_number(value):
+    with pytest.raises(ConfigError, match="rope_attention_factor must be a finite number > 0 or None"):
+        tiny_decoder_only(**LONGROPE, rope_original_max_position=16, rope_attention_factor=value)

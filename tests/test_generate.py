@@ -325,3 +325,9 @@ def test_right_padded_decoder_only_prompt_is_refused():
         model.generate(np.array([[5, 6, 0, 0]]), 2, greedy=True)
     marked = model.generate(np.array([[5, 6, 0]]), 2, greedy=True, attention_mask=np.array([[1, 1, 1]]))
     assert marked.shape == (1, 2)  # with a mask saying so, a final id 0 is a real token
+
+
+@pytest.mark.parametrize("logits", [np.zeros(5), np.zeros((2, 0)), np.array([["a", "b"]]), np.zeros((1, 2, 3))])
+def test_sampling_needs_a_real_b_by_v_array(logits):
+    with pytest.raises(ValueError, match=r"logits must be a real array \[B, V >= 1\]"):
+        generate.sample_tokens(logits, np.random.default_rng(0), greedy=True)

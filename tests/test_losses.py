@@ -619,3 +619,10 @@ def test_kd_loss_extra_memory_is_one_block_not_a_second_gradient():
     run()  # JIT compilation (Python objects, traced) stays outside the measurement
     peak = peak_extra_bytes(run)
     assert peak <= 2 * losses.ACCUMULATE_ROWS * vocab * student.itemsize  # not a second [N, V] gradient
+
+
+def test_grad_out_must_be_c_contiguous():
+    s, t = logits(57, (4, 6)), logits(58, (4, 6))
+    strided = np.empty((6, 4)).T  # the right shape and dtype, Fortran order
+    with pytest.raises(ValueError, match=r"grad_out must be a C-contiguous ndarray of shape \(4, 6\)"):
+        losses.reverse_kl(s, t, grad_out=strided)

@@ -308,3 +308,10 @@ def test_phi35_teacher_against_the_bpe_student():
     pairs = dict(ta.shared_vocab_pairs(bpe_tokenizer(), phi).tolist())
     assert pairs[bpe_tokenizer().token_to_id("<0xF0>")] == 243
     assert pairs[bpe_tokenizer().token_to_id("▁")] == 29871  # the regular "▁" wins over <0x20>
+
+
+def test_dtw_ties_prefer_the_diagonal_then_advancing_i():
+    """SPEC 7: among equal totals the backtrack steps to (i-1, j-1), then (i-1, j), then (i, j-1)."""
+    assert ta.dtw_path(np.zeros((2, 2))) == [(0, 0), (1, 1)]  # all three predecessors tie at (1, 1)
+    assert ta.dtw_path(np.zeros((3, 2))) == [(0, 0), (1, 0), (2, 1)]  # from (2, 1): diagonal (1, 0) first
+    assert ta.dtw_path(np.array([[0.0, 0.0], [0.0, 9.0], [0.0, 0.0]])) == [(0, 0), (1, 0), (2, 1)]
