@@ -463,10 +463,10 @@ class Model:
     def mlp(self, mlp: Mlp, x: Array, residual: Array) -> Array:
         """[B, T, C] -> residual + mlp(x) [B, T, C]: GELU-tanh MLP (Mu) or SwiGLU (Llama)."""
         be = self.backend
-        up = be.linear(x, mlp.up.weight, mlp.up.bias)
         if mlp.gate is None:
-            hidden = be.activation(up, "gelu_tanh")
+            hidden = be.linear(x, mlp.up.weight, mlp.up.bias, activation="gelu_tanh")
         else:
+            up = be.linear(x, mlp.up.weight, mlp.up.bias)
             hidden = be.gated(be.linear(x, mlp.gate.weight, mlp.gate.bias), up, "silu")
         return be.linear(hidden, mlp.down.weight, mlp.down.bias, residual)
 

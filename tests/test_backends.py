@@ -31,19 +31,28 @@ def test_required_backend_is_available(name):
 
 
 @pytest.mark.parametrize("name", available_backends())
-def test_linear_adds_the_residual_last(name):
-    """linear(x, W, b, residual) = (x W^T + b) + residual with the rounding of the two separate ops."""
+@pytest.mark.parametrize("rows", [(2, 3), (4, 5)])  # 6 rows: opencl's GEMV kernel; 20: its tiled GEMM
+def test_linear_applies_the_activation_then_adds_the_residual(name, rows):
+    """linear(x, W, b, residual, activation) = act(x W^T + b) + residual with the rounding of the separate
+    ops (linear, activation, add), bit for bit, in every dtype of the backend."""
     be = get_backend(name)
     rng = np.random.default_rng(7)
-    x, w, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
-    residual = 1e3 * rng.standard_normal((2, 3, 4))  # large: a residual added before the bias would round differently
-    dtype = np.float32 if "float64" not in be.dtypes else np.float64
-    x, w, b, residual = (a.astype(dtype) for a in (x, w, b, residual))
-    got = be.to_numpy(be.linear(*(be.asarray(a) for a in (x, w, b, residual))))
-    plain = be.to_numpy(be.linear(*(be.asarray(a) for a in (x, w, b))))
-    np.testing.assert_array_equal(got, plain + residual)
-    with pytest.raises(ValueError, match="residual must have the output shape"):
-        be.linear(*(be.asarray(a) for a in (x, w, b, x)))
+    for dtype in be.dtypes:
+        x, w, b = rng.standard_normal((*rows, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+        residual = 1e3 * rng.standard_normal((*rows, 4))  # large: added before the bias it would round differently
+        x, w, b, residual = (be.asarray(a.astype(dtype)) for a in (x, w, b, residual))
+        plain = be.linear(x, w, b)
+        np.testing.assert_array_equal(be.to_numpy(be.linear(x, w, b, residual)),
+                                      be.to_numpy(plain) + be.to_numpy(residual))
+        for kind in ("gelu_tanh", "gelu_erf", "silu"):
+            separate = be.to_numpy(be.activation(plain, kind))
+            np.testing.assert_array_equal(be.to_numpy(be.linear(x, w, b, activation=kind)), separate)
+            np.testing.assert_array_equal(be.to_numpy(be.linear(x, w, b, residual, activation=kind)),
+                                          separate + be.to_numpy(residual))
+        with pytest.raises(ValueError, match="residual must have the output shape"):
+            be.linear(x, w, b, x)
+        with pytest.raises(ValueError, match="activation kind must be one of"):
+            be.linear(x, w, b, activation="relu")
 
 
 # ---------------------------------------------------------------- bad input: every backend rejects it alike

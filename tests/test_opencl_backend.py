@@ -339,8 +339,8 @@ def test_launch_rejects_python_scalars():
 def test_decode_step_launch_count(make):
     """One cached decode step enqueues exactly the kernels of the forward pass, no hidden copies:
     embedding + final rmsnorm + lm_head, and per block the kernels counted below (a view such as
-    split_heads, merge_heads or time_slice must not cost a copy, and each residual add is fused into the
-    projection before it)."""
+    split_heads, merge_heads or time_slice must not cost a copy, and each residual add and the MLP's
+    activation are fused into the projection before them)."""
     from refslm.generate import CachedDecoder
 
     cfg = make()
@@ -348,7 +348,7 @@ def test_decode_step_launch_count(make):
     decoder = CachedDecoder(model, np.arange(3, 9)[None], 4)
     self_attention = 1 + 3 + 2 + 2 + 1 + 1  # norm, q/k/v, rope q/k, cache writes k/v, attention, o + residual
     cross_attention = 1 + 1 + 1 + 1  # norm, q, attention, o + residual
-    mlp = 1 + 2 + 1  # norm, up + activation (Mu's GELU MLP), down + residual
+    mlp = 1 + 1 + 1  # norm, up with its activation (Mu's GELU MLP), down + residual
     per_block = self_attention + mlp + (cross_attention if model.is_encoder_decoder else 0)
     before = OCL.launches
     decoder.step(np.array([5]))

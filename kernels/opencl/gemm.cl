@@ -1,5 +1,6 @@
-/* C [M, N] = A [M, K] @ W [N, K]^T (+ bias [N]) (+ R [M, N]): the PyTorch Linear layout, both operands
- * K-contiguous; R is the residual stream, added last ((acc + bias) + R, the rounding of two separate ops).
+/* C [M, N] = act(A [M, K] @ W [N, K]^T (+ bias [N])) (+ R [M, N]): the PyTorch Linear layout, both
+ * operands K-contiguous; act (common.h ACT_* code, or -1 for none) is the activation that follows the
+ * projection, R the residual stream added last: act(acc + bias) + R, the rounding of separate ops.
  *
  * gemm_nt: a TM x TN tile of C per work-group, staged through local-memory tiles of TK columns of K;
  * work-group (TN / RN, TM / RM); each work-item accumulates an RM x RN register block whose rows and
@@ -14,7 +15,9 @@
 
 /* The value stored at C[m, n] for the dot product acc. */
 #define EPILOGUE(acc, m, n) \
-    (((acc) + (has_bias ? bias[n] : (REAL)0)) + (has_residual ? R[(long)(m) * N + (n)] : (REAL)0))
+    (activate_or_not((acc) + (has_bias ? bias[n] : (REAL)0), act) + (has_residual ? R[(long)(m) * N + (n)] : (REAL)0))
+
+inline REAL activate_or_not(REAL y, int act) { return act < 0 ? y : activate(y, act); }
 
 #ifdef TM
 #define LX (TN / RN)
@@ -23,8 +26,8 @@
 
 __kernel __attribute__((reqd_work_group_size(LX, LY, 1)))
 void gemm_nt(const int M, const int N, const int K, __global const REAL *A, __global const WTYPE *W,
-             __global const REAL *bias, const int has_bias, __global const REAL *R, const int has_residual,
-             __global REAL *C) {
+             __global const REAL *bias, const int has_bias, const int act, __global const REAL *R,
+             const int has_residual, __global REAL *C) {
     __local REAL As[TK][TM + 1];
     __local REAL Ws[TK][TN + 1];
     const int tx = get_local_id(0), ty = get_local_id(1);
@@ -71,8 +74,8 @@ void gemm_nt(const int M, const int N, const int K, __global const REAL *A, __gl
 
 __kernel __attribute__((reqd_work_group_size(GV, 1, 1)))
 void gemv_nt(const int M, const int N, const int K, __global const REAL *A, __global const WTYPE *W,
-             __global const REAL *bias, const int has_bias, __global const REAL *R, const int has_residual,
-             __global REAL *C) {
+             __global const REAL *bias, const int has_bias, const int act, __global const REAL *R,
+             const int has_residual, __global REAL *C) {
     __local REAL scratch[GEMV_MAX_M][GV];
     const int n = get_group_id(0), lid = get_local_id(0);
     REAL acc[GEMV_MAX_M];

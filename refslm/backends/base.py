@@ -55,11 +55,14 @@ class Backend:
         """ids [B, T] int64 (host), table [V, C] -> [B, T, C]."""
         raise NotImplementedError
 
-    def linear(self, x: Array, weight: Array, bias: Array | None = None, residual: Array | None = None) -> Array:
-        """[..., in], [out, in], [out], [..., out] -> [..., out] = (x W^T + bias) + residual.
+    def linear(self, x: Array, weight: Array, bias: Array | None = None, residual: Array | None = None,
+               activation: str | None = None) -> Array:
+        """[..., in], [out, in], [out], [..., out] -> [..., out] = act(x W^T + bias) + residual.
 
-        residual is the block's residual stream, added last (the residual connection fused into the
-        projection that ends each sub-layer: one kernel instead of two on a device)."""
+        activation ('gelu_tanh' | 'gelu_erf' | 'silu', or None) is the activation that follows the
+        projection (Mu's MLP up-projection); residual is the block's residual stream, added last (the
+        residual connection fused into the projection that ends each sub-layer). Each is one kernel
+        fewer on a device, with the rounding of the separate ops."""
         raise NotImplementedError
 
     def rmsnorm(self, x: Array, weight: Array, eps: float, unit_offset: bool = False) -> Array:

@@ -30,9 +30,11 @@ class NumpyBackend(Backend):
     def embedding(self, ids, table):
         return ops.embedding(ids, table)
 
-    def linear(self, x, weight, bias=None, residual=None):
+    def linear(self, x, weight, bias=None, residual=None, activation=None):
         ops.check_linear(x, weight, bias, residual)
         y = ops.linear(x, weight, bias)
+        if activation is not None:
+            y = self.activation(y, activation)  # the backend's own activation (numba: its kernel)
         if residual is not None:
             y += residual  # y is a fresh array
         return y

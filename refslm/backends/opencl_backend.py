@@ -502,8 +502,9 @@ class OpenCLBackend(Backend):
                          device_ids.data, table.data, out.data)
         return out
 
-    def linear(self, x, weight, bias=None, residual=None):
+    def linear(self, x, weight, bias=None, residual=None, activation=None):
         ops.check_linear(x, weight, bias, residual, half_weight=self.weight_storage == "float16")
+        act = np.int32(-1 if activation is None else self._activation_code(activation))
         x = self._dense(x)
         residual = None if residual is None else self._dense(residual)
         dtype = self._check_dtype(x, *(a for a in (bias, residual) if a is not None))
@@ -514,7 +515,7 @@ class OpenCLBackend(Backend):
         if out.size == 0:
             return out
         args = (np.int32(m), np.int32(n), np.int32(k), x.data, weight.data,
-                (bias if bias is not None else x).data, np.int32(bias is not None),
+                (bias if bias is not None else x).data, np.int32(bias is not None), act,
                 (residual if residual is not None else x).data, np.int32(residual is not None), out.data)
         extra = {"W_HALF": 1} if half else {}
         if m <= GEMV_MAX_M:

@@ -55,12 +55,12 @@ class CountingBackend(Backend):
             return "mlp"
         return "projections"
 
-    def linear(self, x, weight, bias=None, residual=None):
+    def linear(self, x, weight, bias=None, residual=None, activation=None):
         """[..., in], [out, in], [out], [..., out] -> [..., out]; counts 2 * rows * in * out."""
         out_features, in_features = weight.shape
         rows = math.prod(x.shape[:-1])
         self.counts[self._component(weight.shape)] += gemm(rows, out_features, in_features)
-        return self.inner.linear(x, weight, bias, residual)
+        return self.inner.linear(x, weight, bias, residual, activation)
 
     def attention(self, q, k, v, *, key_mask, causal, q_start, interleaved, mask_fill, segment_ids=None):
         """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; counts 2*B*Hq*Tq*Tk*D for scores and for values."""
