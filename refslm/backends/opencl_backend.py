@@ -1,9 +1,10 @@
 """The "opencl" backend: the backend interface on an OpenCL device through pyopencl.
 
-Arrays are `pyopencl.array.Array` on one device; weights are uploaded once by `asarray` and stay
-there, KV caches are device arrays written in place, and only token ids (in) and what the caller
-asks `to_numpy` for (out) cross the bus. Kernel sources live in kernels/opencl/*.cl (found through
-`refslm.resources.kernels_dir()`), are compiled once per (file, dtype, build options) and cached by
+Arrays are `DeviceArray`s (strided views of pyopencl buffers) on one device; weights are uploaded
+once by `asarray` and stay there, KV caches are device arrays written in place, and only token ids
+(in) and what the caller asks `to_numpy` for (out) cross the bus. Kernel sources live in
+kernels/opencl/*.cl (found through `refslm.resources.kernels_dir()`), are compiled once per (file,
+dtype, build options) and cached by
 the backend instance (pyopencl and the driver also cache binaries on disk).
 
 Device choice: the `device` argument or the environment variable REFSLM_OPENCL_DEVICE, either
@@ -247,7 +248,7 @@ def _next_pow2(n: int) -> int:
 
 
 class OpenCLBackend(Backend):
-    """Backend on one OpenCL device; arrays are pyopencl.array.Array.
+    """Backend on one OpenCL device; arrays are DeviceArray (host arrays enter through asarray / weight).
 
     device: 'P:D' or a name substring (default: REFSLM_OPENCL_DEVICE, else first GPU, else first
     device). gemm_tile: GemmTile or 'TM,TN,TK,RM,RN' (default: REFSLM_OPENCL_GEMM_TILE, else chosen
