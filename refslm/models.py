@@ -14,7 +14,7 @@ normative description. Shape letters as in refslm.ops; Te encoder length, Td dec
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +245,8 @@ def from_params(config: Config, params: dict[str, np.ndarray], dtype: str = "flo
     """
     be = get_backend(backend)
     dtype = _check_dtype(dtype, be)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of parameter names to arrays, got {type(params).__name__}")
     expected = param_shapes(config)
     missing = [n for n in expected if n not in params]
     unexpected = sorted(n for n in params if n not in expected)

@@ -286,8 +286,9 @@ def longrope_attention_factor(factor: float, original_max_position: int) -> floa
 
     factor is the context extension max_position / original_max_position (Phi-3's default).
     """
-    if factor <= 1.0:
+    if check_number("longrope factor", factor) <= 1.0:
         return 1.0
+    check_index("longrope original_max_position", original_max_position, 2)  # log(1) = 0 divides
     return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position))
 
 
@@ -296,8 +297,10 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
 
     L = max(seq_len, block_size); theta' = theta * (factor L / block_size - (factor - 1))^(D / (D - 2)).
     """
-    if factor <= 1.0:
+    if check_number("NTK factor", factor) <= 1.0:
         return theta
+    check_index("NTK seq_len", seq_len, 0)
+    check_index("NTK block_size", block_size, 1)
     if check_head_dim(head_dim) == 2:
         raise ValueError("dynamic NTK RoPE needs head_dim > 2 (its exponent is D / (D - 2)), got 2")
     length = max(seq_len, block_size)
@@ -306,7 +309,7 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
 
 def centred_positions(length: int) -> np.ndarray:
     """-> [L] int64: p - (L-1)//2 for p in 0..L-1 (the public Mu encoder's bidirectional positions)."""
-    return np.arange(length, dtype=np.int64) - (length - 1) // 2
+    return np.arange(check_index("centred_positions length", length, 0), dtype=np.int64) - (length - 1) // 2
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str = "rotate_half",

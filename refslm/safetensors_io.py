@@ -274,6 +274,9 @@ def read_safetensors(path: str | os.PathLike, names: list[str] | None = None, *,
     others = [n for n in wanted if header.tensors[n].dtype != "BF16"]
     arrays = _read_package(path, others) if _use_package(implementation) else _read_builtin(path, header, others)
     arrays.update({n: decode_bfloat16(bits) for n, bits in _read_builtin(path, header, bf16).items()})
+    for name in wanted:  # a BOOL byte is 0 or 1; NumPy would read any other byte as True
+        if header.tensors[name].dtype == "BOOL" and (arrays[name].view(np.uint8) > 1).any():
+            raise SafetensorsError(f"{path}: tensor {name!r} (BOOL) holds bytes other than 0 and 1")
     return {n: arrays[n] for n in wanted}
 
 

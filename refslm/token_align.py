@@ -121,6 +121,9 @@ def dtw_path(cost: np.ndarray) -> list[tuple[int, int]]:
     Each step advances i, j or both; every row and column is visited. Ties prefer the diagonal,
     then advancing i. Returns the (i, j) pairs in order.
     """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2 or 0 in cost.shape or not np.isfinite(cost).all():
+        raise ValueError(f"dtw_path cost must be a finite [n >= 1, m >= 1] array, got shape {cost.shape}")
     n, m = cost.shape
     total = np.full((n + 1, m + 1), np.inf)
     total[0, 0] = 0.0

@@ -468,3 +468,8 @@ def test_centred_positions_must_be_a_bool():
     model = models.init(tiny_encoder_decoder(), seed=0, dtype="float64")
     with pytest.raises(TypeError, match="centred_positions must be True or False, got 'no'"):
         model.logits(ENC, DEC, centred_positions="no")
+
+
+def test_from_params_needs_a_mapping():
+    with pytest.raises(TypeError, match="params must be a mapping of parameter names to arrays, got list"):
+        models.from_params(tiny_decoder_only(), [np.zeros(3)])

@@ -376,3 +376,12 @@ def test_split_and_merge_heads_need_float_arrays():
         ops.split_heads(np.ones((1, 2, 4), np.int64), 2)
     with pytest.raises(TypeError, match="merge_heads x must be a float32 or float64 ndarray, got int64"):
         ops.merge_heads(np.ones((1, 2, 2, 2), np.int64))
+
+
+def test_rope_length_helpers_name_bad_lengths():
+    with pytest.raises(ValueError, match="NTK block_size must be >= 1, got 0"):
+        ops.rope_theta_for_length(1e4, 8, 10, 2.0, 0)
+    with pytest.raises(ValueError, match="longrope original_max_position must be >= 2, got 1"):
+        ops.longrope_attention_factor(4.0, 1)
+    with pytest.raises(ValueError, match="centred_positions length must be >= 0, got -3"):
+        ops.centred_positions(-3)

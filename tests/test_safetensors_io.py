@@ -233,6 +233,8 @@ CORRUPT = {
              "'b' starts at byte 8, leaving a hole after 'a'"),
     "truncated data": (_raw_file({"a": _entry("F32", [3], 0, 12)}, b"\x00" * 11), "truncated"),
     "trailing bytes": (_raw_file({"a": _entry("F32", [1], 0, 4)}, b"\x00" * 9), "holds 9 bytes"),
+    "bool byte 2": (_raw_file({"m": _entry("BOOL", [3], 0, 3)}, b"\x01\x00\x02"),
+                    "'m' \\(BOOL\\) holds bytes other than 0 and 1"),
 }
 
 

@@ -315,3 +315,9 @@ def test_dtw_ties_prefer_the_diagonal_then_advancing_i():
     assert ta.dtw_path(np.zeros((2, 2))) == [(0, 0), (1, 1)]  # all three predecessors tie at (1, 1)
     assert ta.dtw_path(np.zeros((3, 2))) == [(0, 0), (1, 0), (2, 1)]  # from (2, 1): diagonal (1, 0) first
     assert ta.dtw_path(np.array([[0.0, 0.0], [0.0, 9.0], [0.0, 0.0]])) == [(0, 0), (1, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("cost", [np.zeros(3), np.zeros((0, 2)), np.array([[0.0, np.nan]])])
+def test_dtw_path_needs_a_finite_matrix(cost):
+    with pytest.raises(ValueError, match=r"dtw_path cost must be a finite \[n >= 1, m >= 1\] array"):
+        ta.dtw_path(cost)
