@@ -296,7 +296,11 @@ def _is_norm(name: str) -> bool:
 
 def check_ids(name: str, ids: Any, vocab_size: int) -> np.ndarray:
     """Token ids -> [B, T] int64; raises naming the argument unless ids is a non-empty 2-D int array in range."""
-    ids = np.asarray(ids)
+    try:
+        ids = np.asarray(ids)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"{name} must be a rectangular [batch, time] array of token ids (rows of one length)") \
+            from None
     if ids.dtype.kind in "iu" and (ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1):
         raise ValueError(f"{name} must have shape [batch >= 1, time >= 1], got {ids.shape}")
     return ops.check_token_ids(ids, vocab_size, name)
@@ -521,8 +525,10 @@ class Model:
                  attention_mask: Any = None) -> list[tuple[Array, Array, np.ndarray | None]]:
         """Per decoder block (k, v, mask) of cross-attention over the encoder output [B, Te, C]; computed once.
 
-        The mask: attention_mask [B, Te] 0/1 when given, else the non-pad tokens of input_ids."""
-        ids = np.asarray(input_ids)
+        The mask: attention_mask [B, Te] 0/1 when given, else the non-pad tokens of input_ids [B, Te]."""
+        ids = check_ids("input_ids", input_ids, self.config.vocab_size)
+        if ids.shape[0] != encoded.shape[0] or ids.shape[1] != encoded.shape[1]:
+            raise ValueError(f"input_ids {ids.shape} must match the encoder output's [B, Te] = {encoded.shape[:2]}")
         mask = key_mask(ids, self.config.pad_token_id, check_attention_mask(attention_mask, ids.shape))
         return [(*self.project_kv(block.cross_attn, encoded), mask) for block in self.weights.blocks]
 

@@ -213,3 +213,8 @@ def test_softmax_over_the_last_axis_is_the_reference(name):
     got = be.to_numpy(be.softmax(be.asarray(x)))
     np.testing.assert_allclose(got, ops.softmax(x, axis=-1), rtol=8 * np.finfo(dtype).eps, atol=0)
     assert (got[0, 0, :7] == 0).all()
+
+
+def test_backend_names_must_be_strings():
+    with pytest.raises(ValueError, match=r"backend must be one of \['numba', 'numpy', 'opencl'\], got \['numpy'\]"):
+        get_backend(["numpy"])

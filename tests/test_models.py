@@ -473,3 +473,14 @@ def test_centred_positions_must_be_a_bool():
 def test_from_params_needs_a_mapping():
     with pytest.raises(TypeError, match="params must be a mapping of parameter names to arrays, got list"):
         models.from_params(tiny_decoder_only(), [np.zeros(3)])
+
+
+def test_ragged_ids_and_cross_kv_ids_are_named():
+    model = models.init(tiny_encoder_decoder(), seed=0, dtype="float64")
+    with pytest.raises(ValueError, match=r"input_ids must be a rectangular \[batch, time\] array"):
+        model.logits([[5, 6], [7]], [[1], [1]])
+    encoded = model.encode(np.array([[5, 6, 7]]))
+    with pytest.raises(TypeError, match="input_ids must be an integer array, got dtype float64"):
+        model.cross_kv(encoded, np.array([[5.0, 6, 7]]))
+    with pytest.raises(ValueError, match=r"input_ids \(1, 2\) must match the encoder output's \[B, Te\] = \(1, 3\)"):
+        model.cross_kv(encoded, np.array([[5, 6]]))

@@ -31,7 +31,7 @@ def get_backend(name: str | Backend = "numpy") -> Backend:
     """The backend instance for a name (instances are cached), or the instance itself if given one."""
     if isinstance(name, Backend):
         return name
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"backend must be one of {sorted(_REGISTRY)}, got {name!r}")
     if name not in _INSTANCES:
         module_name, class_name = _REGISTRY[name]
