@@ -32,6 +32,8 @@ def as_id_rows(rows: Sequence[Sequence[int]], name: str, *, vocab_size: int | No
     checked before the cast, so a uint64 id never wraps to a negative one.
     """
     limit = INT64_END if vocab_size is None else check_int("vocab_size", vocab_size, 1)
+    if not isinstance(rows, Sequence | np.ndarray):
+        raise ValueError(f"{name}: expected a sequence of token-id sequences, got {type(rows).__name__}")
     if len(rows) == 0:
         raise ValueError(f"{name}: expected at least one sequence, got an empty batch")
     out = []
@@ -326,6 +328,9 @@ def index_map(
     In the paper layout index_map[b, t] = encoder_len - 1 + t for every b and t: the public slice.
     """
     check_int("decoder_len", decoder_len, 1)
+    if not isinstance(teacher, TeacherBatch):
+        raise ValueError(f"teacher must be a TeacherBatch (paper_teacher_batch, right_padded_teacher_batch, "
+                         f"packed_teacher_batch), got {type(teacher).__name__}")
     n_pairs, teacher_len = len(teacher.rows), teacher.input_ids.shape[1]
     if teacher_token_of is None:
         teacher_token_of = np.broadcast_to(np.arange(decoder_len, dtype=np.int64), (n_pairs, decoder_len))
@@ -580,6 +585,8 @@ def kd_batch(
     sources (max_new_tokens = decoder_len), then build the student and teacher inputs around them.
     """
     _check_tokenizer_ids(tokenizer_size, eos_id, unk_id)
+    check_int("layout.pad_id", layout.pad_id, 0, tokenizer_size)
+    check_int("layout.bos_id", layout.bos_id, 0, tokenizer_size)
     src = truncate_sources(as_id_rows(sources, "sources", vocab_size=tokenizer_size), layout.encoder_len)
     encoder_input_ids = pad_rows(src, layout.encoder_len, layout.pad_id, side="right", name="sources")
     targets = sample_on_policy_targets(

@@ -259,8 +259,11 @@ def check_rope(x, cos, sin, layout: str) -> None:
         raise ValueError(f"rope x must have shape [B, H, T, D], got {x.shape}")
     b, _, t, d = x.shape
     check_head_dim(d)
-    check_float("rope cos", cos)
-    check_float("rope sin", sin)
+    for name, table in (("rope cos", cos), ("rope sin", sin)):
+        if not isinstance(table, np.ndarray):
+            raise TypeError(f"{name} must be a host NumPy array (the tables are computed on the host), "
+                            f"got {type(table).__name__}")
+        check_float(name, table)
     if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (t, d):
         raise ValueError(f"rope cos/sin must have shape [1 or {b}, {t}, {d}], got {cos.shape} and {sin.shape}")
 
@@ -421,6 +424,8 @@ def check_key_mask(key_mask, batch: int, tk: int) -> np.ndarray | None:
     if key_mask is None:
         return None
     mask = np.asarray(key_mask)
+    if mask.dtype == object:
+        raise TypeError(f"key_mask must be a host bool array (or integers 0 / 1), got {type(key_mask).__name__}")
     if mask.shape != (batch, tk):
         raise ValueError(f"key_mask must have shape ({batch}, {tk}), got {mask.shape}")
     if mask.dtype == bool:

@@ -336,6 +336,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     if _use_package(implementation) and all(code != "BF16" for code, _ in stored.values()):
         from safetensors.numpy import save_file
 
-        save_file({name: data for name, (_, data) in stored.items()}, str(path), metadata=metadata or None)
+        try:
+            save_file({name: data for name, (_, data) in stored.items()}, str(path), metadata=metadata or None)
+        except Exception as exc:  # the package's errors (e.g. "I/O error: Is a directory") lack the path
+            raise SafetensorsError(f"{path}: cannot write: {exc}") from exc
     else:
         _write_builtin(path, stored, metadata)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, DecoderOnlyConfig, EncoderDecoderConfig, is_finite_number, is_int
-from .models import ParameterError, from_params
+from .models import Model, ParameterError, from_params
 from .ops import longrope_attention_factor
 from .safetensors_io import (
     FLOAT_STORAGE,
@@ -406,6 +406,10 @@ def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None
     Phi-3 layouts get Hugging Face names and config.json, loadable by transformers. A tied head is
     stored once (as the embedding).
     """
+    if not isinstance(model, Model):
+        raise TypeError(f"save needs a refslm Model (refslm.init / refslm.load), got {type(model).__name__}")
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
     storage = model.dtype if storage is None else storage
     if not isinstance(storage, str) or storage not in FLOAT_STORAGE:
         raise ValueError(f"storage must be one of {sorted(FLOAT_STORAGE)}, got {storage!r}")

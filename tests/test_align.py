@@ -574,3 +574,13 @@ def test_on_policy_helpers_check_their_rows_and_student():
 def test_truncate_target_must_be_a_bool():
     with pytest.raises(ValueError, match="truncate_target must be True or False, got 'no'"):
         align.PaperLayout(4, 3, truncate_target="no")
+
+
+def test_batch_builders_name_wrong_containers():
+    with pytest.raises(ValueError, match="sources: expected a sequence of token-id sequences, got NoneType"):
+        align.student_batch(None, [[1]], align.PaperLayout(4, 3))
+    with pytest.raises(ValueError, match="teacher must be a TeacherBatch"):
+        align.index_map({}, 3)
+    with pytest.raises(ValueError, match=r"layout.pad_id must be an int in \[0, 50\), got 60"):
+        align.kd_batch(ScriptedStudent([[3, EOS]]), [[5, 6]], align.PaperLayout(4, 3, pad_id=60), eos_id=EOS,
+                       unk_id=UNK, tokenizer_size=50)

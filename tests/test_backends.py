@@ -98,18 +98,26 @@ def _rope(be, x_shape=(1, 1, 2, 4), layout="rotate_half", dtype=np.float64):
 
 
 f32, f16, ones = np.float32, np.float16, np.ones
+
+
+class DeviceMask:
+    """Stands in for a device array given where the contract says host (np.asarray makes it an object)."""
 BAD_INPUT = {  # case: (error, what the message must say, the call)
     # 1. numba read past the array for odd D (returned -9e199); 3-D x gave "not enough values to unpack"
     "rope odd head_dim": (ValueError, "rope needs an even head_dim >= 2, got 7",
                           lambda be: _rope(be, (1, 1, 2, 7), "interleaved")),
     "rope 3-D x": (ValueError, r"rope x must have shape \[B, H, T, D\]", lambda be: _rope(be, (1, 2, 8))),
     "rope layout": (ValueError, "rope layout must be one of", lambda be: _rope(be, layout="foo")),
+    "rope cos not host": (TypeError, "rope cos must be a host NumPy array",
+                          lambda be: be.rope(ones((1, 1, 2, 4)), DeviceMask(), ones((1, 2, 4)), "rotate_half")),
     "rope int x": (TypeError, "rope x must be a float32 or float64 ndarray", lambda be: _rope(be, dtype=int)),
     # 2. numba cast a float key_mask to uint8 (0.5 -> masked), numpy to bool (0.5 -> attended)
     "key_mask float": (TypeError, "key_mask must be a bool array",
                        lambda be: _attention(be, key_mask=np.array([[0.5, 1.0, 1.0]]))),
     "key_mask 256": (ValueError, "key_mask must hold only 0 and 1",
                      lambda be: _attention(be, key_mask=np.array([[256, 1, 1]]))),
+    "key_mask on the device": (TypeError, "key_mask must be a host bool array",
+                               lambda be: _attention(be, key_mask=DeviceMask())),
     "key_mask shape": (ValueError, r"key_mask must have shape \(1, 3\)",
                        lambda be: _attention(be, key_mask=ones((1, 4), bool))),
     # 3. numba gave NaN for q_start < 0 (causal, Tq < 8) and for Tk = 0

@@ -306,3 +306,9 @@ def test_link_to_a_regular_file_is_read(tmp_path):
     sio.write_safetensors(tmp_path / "t.safetensors", {"a": np.arange(3.0)})
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "t.safetensors")
     np.testing.assert_array_equal(sio.read_safetensors(tmp_path / "link.safetensors")["a"], np.arange(3.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_writing_onto_a_directory_names_the_path(tmp_path, impl):
+    with pytest.raises((SafetensorsError, IsADirectoryError), match=str(tmp_path)):
+        sio.write_safetensors(tmp_path, {"a": np.zeros(2)}, implementation=impl)

@@ -535,3 +535,10 @@ def test_transformers_dynamic_ntk_length_is_max_position_plus_one(tmp_path, monk
     monkeypatch.setattr(models, "rope_length", lambda positions: ids.shape[1])  # the padded length instead
     as_padded = model.logits(ids, position_ids=positions, attention_mask=mask)
     assert np.abs(as_padded - expected).max() > 1e-4  # 10^4 x the tolerance: the rule is checked
+
+
+def test_save_names_a_wrong_model_or_directory(tmp_path, originals):
+    with pytest.raises(TypeError, match="save needs a refslm Model"):
+        save(object(), tmp_path)
+    with pytest.raises(TypeError, match="directory must be a path"):
+        save(originals["llama-untied"], None)
