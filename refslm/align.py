@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ops import check_int
+
 # --------------------------------------------------------------------------------------------------
 # input checking and padding
 
@@ -77,16 +79,6 @@ def pad_rows(rows: Sequence[np.ndarray], length: int, pad_id: int, *, side: str,
         elif len(row):
             out[b, -len(row) :] = row
     return out
-
-
-def check_int(name: str, value, low: int, high: int | None = None) -> int:
-    """-> int(value); ValueError naming `name` unless value is an int (Python or NumPy, not bool) in
-    [low, high) ([low, inf) when high is None). Lengths use low=1, token ids low=0, high=vocab size."""
-    if isinstance(value, int | np.integer) and not isinstance(value, bool) and low <= value:
-        if high is None or value < high:
-            return int(value)
-    expected = f">= {low}" if high is None else f"in [{low}, {high})"
-    raise ValueError(f"{name} must be an int {expected}, got {value!r}")
 
 
 def truncate_sources(sources: Sequence[np.ndarray], encoder_len: int) -> list[np.ndarray]:

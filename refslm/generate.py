@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .align import check_int
 from .config import is_real
 from .models import Model, check_attention_mask, check_ids, leading_pads, rope_length
+from .ops import check_int
 
 
 class KVCache:

@@ -23,11 +23,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .config import is_real
-from .ops import check_float, check_index
+from .ops import check_float, check_int
 
 KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 NEG_INF = -np.inf
-INT64_MIN = int(np.iinfo(np.int64).min)  # ignore_index may be any int64 (TRL: -100)
 ACCUMULATE_ROWS = 256  # rows per block when a second loss term adds into the gradient (_evaluate_direct)
 
 
@@ -486,7 +485,7 @@ def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.
     if mask is not None and labels is not None:
         raise ValueError("give mask or labels, not both")
     if labels is not None:
-        return _check_ids("labels", labels, leading) != check_index("ignore_index", ignore_index, INT64_MIN)
+        return _check_ids("labels", labels, leading) != check_int("ignore_index", ignore_index, None)
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -684,7 +683,7 @@ def cross_entropy(student, targets, *, ignore_index: int = -100, label_smoothing
     """
     leading, _ = _check_student(student)
     targets = _check_ids("targets", targets, leading)
-    weights = row_weights(leading, targets != check_index("ignore_index", ignore_index, INT64_MIN), reduction, 1.0)
+    weights = row_weights(leading, targets != check_int("ignore_index", ignore_index, None), reduction, 1.0)
     term = LossTerm("cross_entropy", weights, student.shape[-1],
                     label_smoothing=_check_fraction("label_smoothing", label_smoothing))
     plan = LossPlan((term,), None, targets, leading, reduction == "none")
@@ -774,7 +773,7 @@ def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | 
     leading, vocab = _check_student(student)
     alpha = _check_fraction("alpha", alpha)
     targets = _check_ids("targets", targets, leading)
-    kept = targets != check_index("ignore_index", ignore_index, INT64_MIN)
+    kept = targets != check_int("ignore_index", ignore_index, None)
     if kept.any() and not (0 <= targets[kept].min() and targets[kept].max() < vocab):  # checked even at alpha 1
         raise ValueError(f"targets that are not ignore_index must lie in [0, {vocab}), got values in "
                          f"[{targets[kept].min()}, {targets[kept].max()}]")

@@ -276,7 +276,7 @@ def init(config: Config, seed: int = 0, dtype: str = "float32", backend: str | B
     Weights and biases ~ normal(0, 0.02); norm weights ~ 1 + normal(0, 0.1) (names ending in
     'norm.weight' or 'ln*.weight'), so every parameter path, biases included, affects the output.
     """
-    rng = np.random.default_rng(ops.check_index("seed", seed))
+    rng = np.random.default_rng(ops.check_int("seed", seed, 0))
     params = {}
     for name, shape in param_shapes(config).items():
         draw = rng.standard_normal(shape)  # scaled in place: 330M float64 draws are large

@@ -52,12 +52,14 @@ def check_number(name: str, value, minimum: float = 0.0) -> float:
     return v
 
 
-def check_index(name: str, value, minimum: int = 0) -> int:
-    """An int (Python or NumPy, not bool) >= minimum -> int; TypeError / ValueError naming it otherwise."""
+def check_int(name: str, value, low: int | None, high: int | None = None) -> int:
+    """An int (Python or NumPy, not bool) in [low, high) (no bound where None) -> int: lengths, counts,
+    positions, token ids, seeds. TypeError naming it for another type, ValueError out of range."""
+    expected = ("" if low is None else f" >= {low}") if high is None else f" in [{low}, {high})"
     if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise TypeError(f"{name} must be an int{expected}, got {value!r} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        raise ValueError(f"{name} must be an int{expected}, got {value!r}")
     return int(value)
 
 
@@ -291,7 +293,7 @@ def longrope_attention_factor(factor: float, original_max_position: int) -> floa
     """
     if check_number("longrope factor", factor) <= 1.0:
         return 1.0
-    check_index("longrope original_max_position", original_max_position, 2)  # log(1) = 0 divides
+    check_int("longrope original_max_position", original_max_position, 2)  # log(1) = 0 divides
     return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position))
 
 
@@ -302,8 +304,8 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
     """
     if check_number("NTK factor", factor) <= 1.0:
         return theta
-    check_index("NTK seq_len", seq_len, 0)
-    check_index("NTK block_size", block_size, 1)
+    check_int("NTK seq_len", seq_len, 0)
+    check_int("NTK block_size", block_size, 1)
     if check_head_dim(head_dim) == 2:
         raise ValueError("dynamic NTK RoPE needs head_dim > 2 (its exponent is D / (D - 2)), got 2")
     length = max(seq_len, block_size)
@@ -312,7 +314,7 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
 
 def centred_positions(length: int) -> np.ndarray:
     """-> [L] int64: p - (L-1)//2 for p in 0..L-1 (the public Mu encoder's bidirectional positions)."""
-    return np.arange(check_index("centred_positions length", length, 0), dtype=np.int64) - (length - 1) // 2
+    return np.arange(check_int("centred_positions length", length, 0), dtype=np.int64) - (length - 1) // 2
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str = "rotate_half",
@@ -365,7 +367,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str = "r
 def check_split_heads(x, n_head: int) -> None:
     """x [B, T, H*D] float and n_head = H, an int >= 1 dividing the width."""
     check_float("split_heads x", x)
-    check_index("split_heads n_head", n_head, 1)
+    check_int("split_heads n_head", n_head, 1)
     if len(x.shape) != 3 or x.shape[2] % n_head:
         raise ValueError(f"split_heads x must have shape [B, T, n_head*D] with n_head={n_head}, got {x.shape}")
 
@@ -397,7 +399,7 @@ def repeat_kv(x: np.ndarray, n_rep: int, interleaved: bool) -> np.ndarray:
     interleaved=False (public Mu text default): query head h uses kv head h % Hkv (block repeat).
     interleaved=True (Llama, Mu v2): query head h uses kv head h // n_rep (each head repeated).
     """
-    if check_index("repeat_kv n_rep", n_rep, 1) == 1:
+    if check_int("repeat_kv n_rep", n_rep, 1) == 1:
         return x
     return np.repeat(x, n_rep, axis=1) if interleaved else np.tile(x, (1, n_rep, 1, 1))
 
@@ -442,7 +444,7 @@ def check_q_start(q_start, tk: int) -> int:
 
     Keys are positions 0..Tk-1, so a causal query at position >= Tk - 1 sees every key: clamping to Tk
     changes no result and keeps the value in any kernel's int32."""
-    return min(check_index("attention q_start", q_start), tk)
+    return min(check_int("attention q_start", q_start, 0), tk)
 
 
 def check_attention(q, k, v, *, key_mask=None, q_start: int = 0, mask_fill: str = "finite_min",

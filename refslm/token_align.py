@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import check_int
+from .ops import check_int
 
 KINDS = ("1:1", "many:1", "unaligned")
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

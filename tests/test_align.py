@@ -265,9 +265,10 @@ def test_out_of_vocab_public_off_by_one():
 def test_on_policy_ids_name_the_argument(kwargs, message):
     settings_ = dict(eos_id=EOS, unk_id=UNK, tokenizer_size=50) | kwargs
     student = ScriptedStudent([[30, EOS, EOS, EOS]])
-    with pytest.raises(ValueError, match=message):
+    error = ValueError if all(type(v) is int for v in kwargs.values()) else TypeError  # 2.0 is no int
+    with pytest.raises(error, match=message):
         align.kd_batch(student, [[5, 6]], align.PaperLayout(2, 4), **settings_)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         align.sample_on_policy_targets(student, np.array([[5, 6]]), max_new_tokens=4, **settings_)
     assert student.calls == []  # refused before sampling
 
@@ -319,7 +320,8 @@ def test_uint64_ids_are_checked_before_the_int64_cast():
                                           ("bos_id", -1), ("encoder_len", 0), ("decoder_len", 2.0)])
 def test_layout_ids_and_lengths_are_checked(field, value):
     low = 1 if field.endswith("_len") else 0
-    with pytest.raises(ValueError, match=f"{field} must be an int >= {low}, got {value!r}"):
+    error = ValueError if type(value) is int else TypeError  # 0.5, 2.0 and True are no ints
+    with pytest.raises(error, match=f"{field} must be an int >= {low}, got {value!r}"):
         align.PaperLayout(**{"encoder_len": 4, "decoder_len": 3, field: value})
 
 
@@ -330,9 +332,10 @@ def test_special_ids_must_lie_inside_the_vocabulary():
             align.kd_batch_from_targets([[3]], [[4]], layout, vocab_size=50)
     for bad in (50, -1, 0.0):
         expected = rf"pad_id must be an int in \[0, 50\), got {bad!r}"
-        with pytest.raises(ValueError, match=expected):
+        error = ValueError if type(bad) is int else TypeError  # 0.0 is no int
+        with pytest.raises(error, match=expected):
             align.right_padded_teacher_batch([[3]], [[4]], pad_id=bad, vocab_size=50)
-        with pytest.raises(ValueError, match=expected):
+        with pytest.raises(error, match=expected):
             align.packed_teacher_batch([[3]], [[4]], row_length=4, pad_id=bad, vocab_size=50)
 
 

@@ -121,8 +121,10 @@ BAD_INPUT = {  # case: (error, what the message must say, the call)
     "key_mask shape": (ValueError, r"key_mask must have shape \(1, 3\)",
                        lambda be: _attention(be, key_mask=ones((1, 4), bool))),
     # 3. numba gave NaN for q_start < 0 (causal, Tq < 8) and for Tk = 0
-    "q_start negative": (ValueError, "q_start must be >= 0", lambda be: _attention(be, causal=True, q_start=-1)),
-    "q_start float": (TypeError, "q_start must be an int", lambda be: _attention(be, causal=True, q_start=1.5)),
+    "q_start negative": (ValueError, "q_start must be an int >= 0, got -1",
+                         lambda be: _attention(be, causal=True, q_start=-1)),
+    "q_start float": (TypeError, r"q_start must be an int >= 0, got 1.5 \(float\)",
+                      lambda be: _attention(be, causal=True, q_start=1.5)),
     "no keys": (ValueError, r"at least one key \(Tk >= 1\)", lambda be: _attention(be, kv_shape=(1, 1, 0, 4))),
     # 4. unknown mask_fill (numpy gave all NaN)
     "mask_fill": (ValueError, "mask_fill must be one of",

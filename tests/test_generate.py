@@ -197,12 +197,13 @@ def test_nan_inf_and_all_banned_logits_are_refused(row):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
 ])
 def test_bad_sampling_arguments(kwargs, message):
-    """generate and sample_tokens apply the same checks (SPEC 4.2)."""
+    """generate and sample_tokens apply the same checks (SPEC 4.2); a top_k that is no int is a TypeError."""
     model = models.init(CONFIGS["mu"])
-    with pytest.raises(ValueError, match=message):
+    error = TypeError if isinstance(kwargs.get("top_k"), float) else ValueError
+    with pytest.raises(error, match=message):
         model.generate(PROMPT, 2, **kwargs)
     logits = np.random.default_rng(0).standard_normal((2, 6))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         generate.sample_tokens(logits, np.random.default_rng(0), **kwargs)
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator unless greedy"):
         generate.sample_tokens(logits, None)
@@ -220,7 +221,8 @@ def test_bad_sampling_arguments(kwargs, message):
 ])
 def test_bad_generation_arguments_name_the_argument(kwargs, message):
     model = models.init(CONFIGS["mu"])
-    with pytest.raises(ValueError, match=message):
+    error = ValueError if all(type(v) is int for v in kwargs.values()) else TypeError  # 2.0, '2' are no ints
+    with pytest.raises(error, match=message):
         model.generate(PROMPT, 2, **kwargs)
 
 
@@ -237,7 +239,8 @@ def test_bad_generation_inputs():
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         model.generate(ENC, 0)
     for bad in (-3, -10, 1.5, None, True):
-        with pytest.raises(ValueError, match=f"max_new_tokens must be an int >= 0, got {bad!r}"):
+        with pytest.raises(ValueError if type(bad) is int else TypeError,
+                           match=f"max_new_tokens must be an int >= 0, got {bad!r}"):
             generate.CachedDecoder(model, ENC, bad)
     assert generate.CachedDecoder(model, ENC, 0).logits.shape == (2, model.config.vocab_size)  # prefill only
     with pytest.raises(ValueError, match="input_ids holds token id 600"):

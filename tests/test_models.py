@@ -458,9 +458,9 @@ def test_from_params_refuses_non_finite_parameters():
 
 
 def test_init_seed_is_a_non_negative_int():
-    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         models.init(tiny_decoder_only(), seed=-1)
-    with pytest.raises(TypeError, match="seed must be an int, got float"):
+    with pytest.raises(TypeError, match=r"seed must be an int >= 0, got 1.5 \(float\)"):
         models.init(tiny_decoder_only(), seed=1.5)
 
 

@@ -273,11 +273,11 @@ def test_shape_errors_name_the_argument():
         ops.split_heads(np.ones((1, 2, 6)), 4)
     with pytest.raises(ValueError, match="split_heads x must have shape"):
         ops.split_heads(np.ones((2, 8)), 2)
-    with pytest.raises(ValueError, match="split_heads n_head must be >= 1"):
+    with pytest.raises(ValueError, match="split_heads n_head must be an int >= 1"):
         ops.split_heads(np.ones((1, 2, 6)), 0)
     with pytest.raises(ValueError, match=r"merge_heads x must have shape \[B, H, T, D\]"):
         ops.merge_heads(np.ones((1, 2, 6)))
-    with pytest.raises(ValueError, match="repeat_kv n_rep must be >= 1"):
+    with pytest.raises(ValueError, match="repeat_kv n_rep must be an int >= 1"):
         ops.repeat_kv(np.ones((1, 2, 3, 4)), 0, False)
     with pytest.raises(ValueError, match=r"linear needs x \[\.\.\., in\], weight \[out, in\] and bias \[out\], "
                                          r"got x \(2, 3\), weight \(4, 5\)"):
@@ -302,9 +302,9 @@ def _qkv(b=1, hq=2, tq=3, hkv=1, tk=3, d=4):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(mask_fill="zero"), ValueError, r"mask_fill must be one of \('finite_min', '-inf'\), got 'zero'"),
-    (dict(q_start=-1, causal=True), ValueError, "attention q_start must be >= 0, got -1"),
-    (dict(q_start=1.0), TypeError, "attention q_start must be an int, got float"),
-    (dict(q_start=True), TypeError, "attention q_start must be an int, got bool"),
+    (dict(q_start=-1, causal=True), ValueError, "attention q_start must be an int >= 0, got -1"),
+    (dict(q_start=1.0), TypeError, r"attention q_start must be an int >= 0, got 1.0 \(float\)"),
+    (dict(q_start=True), TypeError, r"attention q_start must be an int >= 0, got True \(bool\)"),
     (dict(key_mask=np.array([[0.5, 1, 1]])), TypeError, "key_mask must be a bool array .* got dtype float64"),
     (dict(key_mask=np.array([[256, 1, 1]])), ValueError, "key_mask must hold only 0 and 1"),
     (dict(key_mask=np.ones((1, 4), bool)), ValueError, r"key_mask must have shape \(1, 3\), got \(1, 4\)"),
@@ -379,9 +379,9 @@ def test_split_and_merge_heads_need_float_arrays():
 
 
 def test_rope_length_helpers_name_bad_lengths():
-    with pytest.raises(ValueError, match="NTK block_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="NTK block_size must be an int >= 1, got 0"):
         ops.rope_theta_for_length(1e4, 8, 10, 2.0, 0)
-    with pytest.raises(ValueError, match="longrope original_max_position must be >= 2, got 1"):
+    with pytest.raises(ValueError, match="longrope original_max_position must be an int >= 2, got 1"):
         ops.longrope_attention_factor(4.0, 1)
-    with pytest.raises(ValueError, match="centred_positions length must be >= 0, got -3"):
+    with pytest.raises(ValueError, match="centred_positions length must be an int >= 0, got -3"):
         ops.centred_positions(-3)

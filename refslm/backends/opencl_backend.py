@@ -476,7 +476,7 @@ class OpenCLBackend(Backend):
         return out
 
     def write_time(self, buf, x, start):
-        start = ops.check_index("write_time start", start)
+        start = ops.check_int("write_time start", start, 0)
         t = x.shape[-2]
         if buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] or not 0 <= start <= buf.shape[-2] - t:
             raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
