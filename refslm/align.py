@@ -30,8 +30,9 @@ def as_id_rows(rows: Sequence[Sequence[int]], name: str, *, vocab_size: int | No
     """Validate a batch of token-id sequences -> list of 1-D int64 arrays.
 
     Raises ValueError naming `name` for an empty batch, an empty or non-1-D row, non-integer ids, or
-    ids outside [0, vocab_size) ([0, 2**63), what int64 holds, when vocab_size is None). Values are
-    checked before the cast, so a uint64 id never wraps to a negative one.
+    ids outside [0, vocab_size) ([0, 2**63), what int64 holds, when vocab_size is None; a vocab_size
+    that is no int is a TypeError). Values are checked before the cast, so a uint64 id never wraps to
+    a negative one.
     """
     limit = INT64_END if vocab_size is None else check_int("vocab_size", vocab_size, 1)
     if not isinstance(rows, Sequence | np.ndarray):
@@ -473,7 +474,7 @@ def replace_out_of_vocab(
 
 
 def _check_tokenizer_ids(tokenizer_size: int, eos_id: int, unk_id: int) -> None:
-    """ValueError naming the argument unless tokenizer_size >= 1 and eos_id, unk_id lie in [0, tokenizer_size)."""
+    """tokenizer_size an int >= 1 and eos_id, unk_id ints in [0, tokenizer_size) (ops.check_int's errors)."""
     check_int("tokenizer_size", tokenizer_size, 1)
     check_int("eos_id", eos_id, 0, tokenizer_size)
     check_int("unk_id", unk_id, 0, tokenizer_size)

@@ -49,6 +49,17 @@ class KVCache:
         return self.backend.time_slice(self.k, 0, stop), self.backend.time_slice(self.v, 0, stop)
 
 
+def check_not_right_padded(ids: np.ndarray, pad_token_id: int | None, eos_token_id: int) -> None:
+    """A decoder-only prompt [B, T] under the pad-id rule must not end with the pad id: its next-token logits
+    would be read at a masked pad. (Not checked when pad is also EOS, as in Phi-3: a real EOS may end it.)"""
+    if pad_token_id in (None, eos_token_id):
+        return
+    rows = np.flatnonzero(ids[:, -1] == pad_token_id)
+    if rows.size:
+        raise ValueError(f"input_ids row {rows[0]} ends with the pad id {pad_token_id}: decoder-only prompts must be "
+                         "LEFT padded (or give an attention_mask marking that token real)")
+
+
 class CachedDecoder:
     """Cached decoding of one batch: the constructor runs the encoder (encoder-decoder) and the prefill.
 
@@ -83,10 +94,8 @@ class CachedDecoder:
                 raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
             prefix = ids
             mask = check_attention_mask(attention_mask, ids.shape, left_padded=True)
-            if mask is None and cfg.pad_token_id is not None and (ids[:, -1] == cfg.pad_token_id).any():
-                row = int(np.flatnonzero(ids[:, -1] == cfg.pad_token_id)[0])
-                raise ValueError(f"input_ids row {row} ends with the pad id {cfg.pad_token_id}: decoder-only prompts "
-                                 "must be LEFT padded (or give an attention_mask marking that token real)")
+            if mask is None:
+                check_not_right_padded(ids, cfg.pad_token_id, cfg.eos_token_id)
             self.offset = leading_pads(ids, cfg.pad_token_id, mask)[:, None]
             if mask is not None:
                 self.real = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=bool)
@@ -136,8 +145,8 @@ class CachedDecoder:
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the argument unless temperature is finite > 0, top_k an int >= 1 and
-    0 < top_p <= 1 (Python or NumPy scalars; top_k and top_p may be None)."""
+    """Raise ValueError naming the argument unless temperature is finite > 0, top_k an int >= 1 (a TypeError
+    for another type) and 0 < top_p <= 1 (Python or NumPy scalars; top_k and top_p may be None)."""
     if not (is_real(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if top_k is not None:

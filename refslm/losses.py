@@ -237,7 +237,8 @@ def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple
     """The loss_rows argument rules, from shapes and dtypes alone (any backend's arrays).
 
     shape/dtype: the student's; teacher: (shape, dtype) or None. -> (targets int64 [N] or None for
-    divergences, row_weight float64 [N]). Raises ValueError naming the argument.
+    divergences, row_weight float64 [N]). Raises ValueError naming the argument (TypeError for a
+    setting that is no number).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

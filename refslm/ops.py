@@ -23,8 +23,8 @@ GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 
 # ---------------------------------------------------------------- argument checks
-# Shared by every backend and cheap: shapes, dtypes and scalars only. They read only .shape and .dtype of
-# the arrays they check, so a backend's device arrays pass through them as well as NumPy arrays.
+# Shared by every backend and cheap: of the backend's arrays they read only .shape and .dtype (a device array
+# passes as well as a NumPy one); the small host index arrays (ids, key_mask, segment_ids) are scanned.
 
 
 def check_float(name: str, x, like=None) -> None:
@@ -125,15 +125,20 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu_erf": gelu_erf, "silu": silu}
+ACTIVATION_CODES = {kind: code for code, kind in enumerate(ACTIVATIONS)}  # the kernels' codes (common.h ACT_*)
+
+
+def activation_code(kind: str) -> int:
+    """An activation kind -> its kernel code; ValueError naming the kinds otherwise (every backend's check)."""
+    if not isinstance(kind, str) or kind not in ACTIVATION_CODES:
+        raise ValueError(f"activation kind must be one of {sorted(ACTIVATIONS)}, got {kind!r}")
+    return ACTIVATION_CODES[kind]
 
 
 def activation(x: np.ndarray, kind: str) -> np.ndarray:
     """[...] -> [...]: the activation named kind ('gelu_tanh', 'gelu_erf', 'silu')."""
-    try:
-        fn = ACTIVATIONS[kind]
-    except KeyError:
-        raise ValueError(f"activation kind must be one of {sorted(ACTIVATIONS)}, got {kind!r}") from None
-    return fn(x)
+    activation_code(kind)
+    return ACTIVATIONS[kind](x)
 
 
 def check_gated(gate, up) -> None:
@@ -181,19 +186,21 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 # ---------------------------------------------------------------- linear maps
 
 
-def check_linear(x, weight, bias=None, residual=None, half_weight=False) -> None:
-    """x [..., in], weight [out, in], bias [out] or None, residual [..., out] or None (the backends'
-    fused residual): float arrays of one dtype; weight may be float16 when half_weight (a backend's
-    half weight storage)."""
+def check_linear(x, weight, bias=None, residual=None, activation=None, half_weight=False) -> None:
+    """x [..., in >= 1], weight [out, in], bias [out] or None: float arrays of one dtype (weight may be
+    float16 when half_weight: a backend's half weight storage); the backends' fused epilogue: an
+    activation kind or None, a residual [..., out] or None."""
     check_float("linear x", x)
     if not (half_weight and weight.dtype == np.float16):
         check_float("linear weight", weight, like=x)
     if bias is not None:
         check_float("linear bias", bias, like=x)
-    if len(weight.shape) != 2 or len(x.shape) < 1 or x.shape[-1] != weight.shape[1] \
+    if len(weight.shape) != 2 or len(x.shape) < 1 or x.shape[-1] != weight.shape[1] or weight.shape[1] < 1 \
             or (bias is not None and bias.shape != weight.shape[:1]):
-        raise ValueError(f"linear needs x [..., in], weight [out, in] and bias [out], got x {x.shape}, weight "
-                         f"{weight.shape}, bias {None if bias is None else bias.shape}")
+        raise ValueError(f"linear needs x [..., in >= 1], weight [out, in] and bias [out], got x {x.shape}, "
+                         f"weight {weight.shape}, bias {None if bias is None else bias.shape}")
+    if activation is not None:
+        activation_code(activation)
     if residual is not None:
         check_float("linear residual", residual, like=x)
         if residual.shape != (*x.shape[:-1], weight.shape[0]):
@@ -379,6 +386,22 @@ def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(b, t, n_head, width // n_head).transpose(0, 2, 1, 3)
 
 
+def check_time_slice(x, start, stop) -> None:
+    """x [..., T, D] and ints 0 <= start <= stop <= T (the KV cache's time window; Backend.time_slice)."""
+    check_int("time_slice start", start, 0)
+    check_int("time_slice stop", stop, 0)
+    if len(x.shape) < 2 or not start <= stop <= x.shape[-2]:
+        raise ValueError(f"time_slice: need x [..., T, D] and 0 <= start <= stop <= T, got x {x.shape}, {start}:{stop}")
+
+
+def check_write_time(buf, x, start) -> None:
+    """x [..., T, D] fits buf [..., Tmax, D] at times start..start+T-1 (Backend.write_time)."""
+    check_int("write_time start", start, 0)
+    if len(x.shape) < 2 or buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] \
+            or start + x.shape[-2] > buf.shape[-2]:
+        raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
+
+
 def check_merge_heads(x) -> None:
     """x [B, H, T, D] float."""
     check_float("merge_heads x", x)
@@ -451,7 +474,7 @@ def check_attention(q, k, v, *, key_mask=None, q_start: int = 0, mask_fill: str 
                     segment_ids=None) -> tuple[np.ndarray | None, int, np.ndarray | None]:
     """q [B, Hq, Tq, D], k = v [B, Hkv, Tk, D] float arrays of one dtype, Hkv >= 1 dividing Hq, Tk >= 1; a known
     mask_fill; key_mask (check_key_mask), q_start (check_q_start), segment_ids (check_segment_ids).
-    -> (key_mask bool or None, q_start for the kernels, segment_ids int32 or None)."""
+    -> (key_mask bool or None, min(q_start, Tk) for the kernels, segment_ids int32 or None)."""
     if not isinstance(mask_fill, str) or mask_fill not in MASK_FILLS:
         raise ValueError(f"mask_fill must be one of {MASK_FILLS}, got {mask_fill!r}")
     for name, x in (("attention q", q), ("attention k", k), ("attention v", v)):
@@ -482,9 +505,14 @@ def attention_mask(key_mask: np.ndarray | None, causal: bool, batch: int, tq: in
     (checked by check_segment_ids): query i sees only keys j with segment_ids[b, j] ==
     segment_ids[b, q_start + i] (packed rows: block-diagonal attention).
     """
-    allowed = None
     segment_ids = check_segment_ids(segment_ids, batch, tq, tk, q_start)
-    key_mask, q_start = check_key_mask(key_mask, batch, tk), check_q_start(q_start, tk)
+    return _allowed(check_key_mask(key_mask, batch, tk), causal, batch, tq, tk, check_q_start(q_start, tk),
+                    segment_ids)
+
+
+def _allowed(key_mask, causal, batch, tq, tk, q_start, segment_ids) -> np.ndarray | None:
+    """attention_mask on checked arguments (attention checks them once, in check_attention)."""
+    allowed = None
     if key_mask is not None:
         allowed = np.broadcast_to(key_mask[:, None, None, :], (batch, 1, tq, tk))
     if causal:
@@ -545,7 +573,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, key_mask: np.ndarr
     hkv, tk = k.shape[1], k.shape[2]
     scores = group_query_heads(q, hkv, interleaved) @ k.transpose(0, 1, 3, 2)  # [B, Hkv, n_rep*Tq, Tk]
     per_head = scores.reshape(b, hkv, hq // hkv, tq, tk)  # a view, to apply [B, 1, 1, Tq, Tk] masks
-    allowed = attention_mask(key_mask, causal, b, tq, tk, q_start, segment_ids)
+    allowed = _allowed(key_mask, causal, b, tq, tk, q_start, segment_ids)
     empty = None
     if allowed is not None:
         allowed = allowed[:, :, None]

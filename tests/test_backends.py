@@ -57,8 +57,9 @@ def test_linear_applies_the_activation_then_adds_the_residual(name, rows):
 
 # ---------------------------------------------------------------- bad input: every backend rejects it alike
 
+# leading arguments that are backend arrays (the rest stay on the host)
 DEVICE_ARGUMENTS = {"rope": 1, "attention": 3, "linear": 4, "rmsnorm": 2, "gated": 2, "activation": 1,
-                    "split_heads": 1}  # leading arguments that are backend arrays (the rest stay on the host)
+                    "split_heads": 1, "write_time": 2, "time_slice": 1, "empty": 0}
 
 
 class OnDevice:
@@ -164,7 +165,19 @@ BAD_INPUT = {  # case: (error, what the message must say, the call)
                           lambda be: be.linear(ones((2, 3)), ones((4, 3)), ones(4, f32))),
     "linear residual dtype": (TypeError, "linear residual must have the dtype",
                               lambda be: be.linear(ones((2, 3), f32), ones((4, 3), f32), None, ones((2, 4)))),
-    "linear shapes": (ValueError, r"linear needs x \[\.\.\., in\]", lambda be: be.linear(ones((2, 3)), ones((4, 5)))),
+    "linear shapes": (ValueError, r"linear needs x \[\.\.\., in >= 1\]",
+                      lambda be: be.linear(ones((2, 3)), ones((4, 5)))),
+    "linear no inputs": (ValueError, r"linear needs x \[\.\.\., in >= 1\]",  # opencl wrote nothing for K = 0
+                         lambda be: be.linear(ones((2, 0)), ones((4, 0)))),
+    "linear activation kind": (ValueError, "activation kind must be one of",  # refused before the product
+                               lambda be: be.linear(ones((2, 3)), ones((4, 3)), activation="relu")),
+    # the KV cache's time window (numpy wrote nothing for start -1 and sliced 3:1 to an empty array)
+    "write_time start -1": (ValueError, "write_time start must be an int >= 0, got -1",
+                            lambda be: be.write_time(be.empty((1, 1, 4, 2), f32), ones((1, 1, 1, 2), f32), -1)),
+    "write_time overflow": (ValueError, r"write_time: x \(1, 1, 2, 2\) does not fit buf \(1, 1, 4, 2\) at time 3",
+                            lambda be: be.write_time(be.empty((1, 1, 4, 2), f32), ones((1, 1, 2, 2), f32), 3)),
+    "time_slice reversed": (ValueError, r"time_slice: need x \[\.\.\., T, D\] and 0 <= start <= stop <= T",
+                            lambda be: be.time_slice(ones((1, 1, 4, 2), f32), 3, 1)),
     # activations
     "activation int": (TypeError, "silu x must be a float32 or float64 ndarray",
                        lambda be: be.activation(np.array([1, 2]), "silu")),

@@ -334,3 +334,9 @@ def test_right_padded_decoder_only_prompt_is_refused():
 def test_sampling_needs_a_real_b_by_v_array(logits):
     with pytest.raises(ValueError, match=r"logits must be a real array \[B, V >= 1\]"):
         generate.sample_tokens(logits, np.random.default_rng(0), greedy=True)
+
+
+def test_a_prompt_may_end_with_the_pad_id_when_it_is_also_eos():
+    """Phi-3 names pad = eos: a prompt ending with that (real) EOS is not taken for right padding."""
+    model = models.init(tiny_decoder_only(pad_token_id=2, eos_token_id=2), seed=0, dtype="float64")
+    assert model.generate(np.array([[5, 6, 2]]), 2, greedy=True).shape == (1, 2)

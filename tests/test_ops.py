@@ -279,9 +279,11 @@ def test_shape_errors_name_the_argument():
         ops.merge_heads(np.ones((1, 2, 6)))
     with pytest.raises(ValueError, match="repeat_kv n_rep must be an int >= 1"):
         ops.repeat_kv(np.ones((1, 2, 3, 4)), 0, False)
-    with pytest.raises(ValueError, match=r"linear needs x \[\.\.\., in\], weight \[out, in\] and bias \[out\], "
+    with pytest.raises(ValueError, match=r"linear needs x \[\.\.\., in >= 1\], weight \[out, in\] and bias \[out\], "
                                          r"got x \(2, 3\), weight \(4, 5\)"):
         ops.linear(np.ones((2, 3)), np.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"linear needs x \[\.\.\., in >= 1\]"):  # opencl left K = 0 unwritten
+        ops.linear(np.ones((2, 0)), np.ones((4, 0)))
     with pytest.raises(ValueError, match=r"linear needs .* bias \(3,\)"):
         ops.linear(np.ones((2, 3)), np.ones((4, 3)), np.ones(3))
     with pytest.raises(ValueError, match=r"gated up must have gate's shape \(2, 3\), got \(3,\)"):

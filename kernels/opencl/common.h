@@ -26,7 +26,7 @@
 #define WLOAD(p, i) ((p)[i])
 #endif
 
-/* Activation kinds (host: OpenCLBackend.ACTIVATION_CODES). */
+/* Activation kinds (host: refslm.ops.ACTIVATION_CODES). */
 #define ACT_GELU_TANH 0
 #define ACT_GELU_ERF 1
 #define ACT_SILU 2

@@ -92,7 +92,7 @@ class Backend:
         raise NotImplementedError
 
     def rope(self, x: Array, cos: np.ndarray, sin: np.ndarray, layout: str) -> Array:
-        """x [B, H, T, D] (D even), cos/sin [B or 1, T, D] float64 host arrays -> rotated x; see ops.apply_rope."""
+        """x [B, H, T, D] (D even), cos/sin [B or 1, T, D] float host arrays -> rotated x; see ops.apply_rope."""
         raise NotImplementedError
 
     def attention(self, q: Array, k: Array, v: Array, *, key_mask: np.ndarray | None, causal: bool,

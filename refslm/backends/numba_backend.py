@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import losses, ops
 from .numba_attention import attention_kernel, attention_rows_kernel
-from .numba_elementwise import ACTIVATION_CODES, activation_kernel, gated_kernel, rmsnorm_kernel, rope_kernel
+from .numba_elementwise import activation_kernel, gated_kernel, rmsnorm_kernel, rope_kernel
 from .numba_losses import KIND_CODES, loss_rows_kernel
 from .numpy_backend import NumpyBackend
 
@@ -31,13 +31,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _NO_KEY_MASK = np.zeros((0, 0), dtype=np.uint8)
 _NO_SEGMENTS = np.zeros((0, 0), dtype=np.int32)
 ROWS_KERNEL_MAX_QUERIES = 8  # fewer queries than this (decode steps) go to the row-at-a-time attention kernel
-
-
-def _activation_code(kind: str) -> int:
-    try:
-        return ACTIVATION_CODES[kind]
-    except KeyError:
-        raise ValueError(f"activation kind must be one of {sorted(ACTIVATION_CODES)}, got {kind!r}") from None
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -61,7 +54,7 @@ class NumbaBackend(NumpyBackend):
 
     def activation(self, x, kind):
         """Elementwise 'gelu_tanh' | 'gelu_erf' | 'silu' in one pass."""
-        code = _activation_code(kind)
+        code = ops.activation_code(kind)
         ops.check_float(f"{kind} x", x)
         out = np.empty(x.shape, x.dtype)
         activation_kernel(x.size, _flat(x), code, out.reshape(-1))
@@ -69,7 +62,7 @@ class NumbaBackend(NumpyBackend):
 
     def gated(self, gate, up, kind):
         """act(gate) * up in one pass (SwiGLU / GeGLU)."""
-        code = _activation_code(kind)
+        code = ops.activation_code(kind)
         ops.check_gated(gate, up)
         out = np.empty(gate.shape, gate.dtype)
         gated_kernel(gate.size, _flat(gate), _flat(up), code, out.reshape(-1))

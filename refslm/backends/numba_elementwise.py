@@ -13,8 +13,7 @@ from numba import njit, prange
 
 from .numba_math import ParallelKernel, exp_coefficients, sigmoid, tanh_from_exp
 
-ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}
-_GELU_TANH, _GELU_ERF, _SILU = range(3)
+_GELU_TANH, _GELU_ERF, _SILU = range(3)  # refslm.ops.ACTIVATION_CODES
 _GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 

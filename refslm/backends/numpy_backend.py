@@ -22,17 +22,19 @@ class NumpyBackend(Backend):
         return np.empty(shape, dtype=dtype)
 
     def write_time(self, buf, x, start):
+        ops.check_write_time(buf, x, start)
         buf[..., start:start + x.shape[-2], :] = x
 
     def time_slice(self, x, start, stop):
+        ops.check_time_slice(x, start, stop)
         return x[..., start:stop, :]
 
     def embedding(self, ids, table):
         return ops.embedding(ids, table)
 
     def linear(self, x, weight, bias=None, residual=None, activation=None):
-        ops.check_linear(x, weight, bias, residual)
-        y = ops.linear(x, weight, bias)
+        ops.check_linear(x, weight, bias, residual, activation)
+        y = ops.linear(x, weight, bias)  # (checks x, weight and bias again: ~1 us)
         if activation is not None:
             y = self.activation(y, activation)  # the backend's own activation (numba: its kernel)
         if residual is not None:

@@ -46,7 +46,6 @@ except ImportError as exc:  # the registry turns this into BackendUnavailable
 DEVICE_ENV = "REFSLM_OPENCL_DEVICE"
 GEMM_TILE_ENV = "REFSLM_OPENCL_GEMM_TILE"
 WEIGHT_STORAGE_ENV = "REFSLM_OPENCL_WEIGHT_STORAGE"
-ACTIVATION_CODES = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # kernels/opencl/common.h ACT_*
 LOSS_KIND_CODES = {"cross_entropy": 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3, "skew_kl": 4,
                    "skew_reverse_kl": 5}  # kernels/opencl/loss.cl KIND_*
 GEMV_MAX_M = 8  # gemm.cl GEMV_MAX_M: rows of A up to which linear uses the GEMV kernel
@@ -238,6 +237,11 @@ def _check_device(x) -> DeviceArray:
         raise TypeError(f"the opencl backend's ops take its device arrays (backend.asarray(host) makes one), "
                         f"got {type(x).__name__}")
     return x
+
+
+def _activation_code(kind: str) -> np.int32:
+    """ops.activation_code as the kernels' int argument (common.h ACT_*)."""
+    return np.int32(ops.activation_code(kind))
 
 
 def _next_pow2(n: int) -> int:
@@ -447,7 +451,10 @@ class OpenCLBackend(Backend):
     def empty(self, shape, dtype) -> DeviceArray:
         if not all(type(s) is int or isinstance(s, np.integer) for s in shape) or min(shape, default=0) < 0:
             raise ValueError(f"empty: shape must be ints >= 0, got {shape!r}")
-        return self._new(tuple(int(s) for s in shape), _numeric("empty dtype", np.empty(0, dtype)).dtype)
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biuf":
+            raise TypeError(f"empty: dtype must be bool, integer or float, got {dtype}")
+        return self._new(tuple(int(s) for s in shape), dtype)
 
     def _copy(self, src: DeviceArray, dst: DeviceArray) -> None:
         """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
@@ -476,15 +483,11 @@ class OpenCLBackend(Backend):
         return out
 
     def write_time(self, buf, x, start):
-        start = ops.check_int("write_time start", start, 0)
-        t = x.shape[-2]
-        if buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] or not 0 <= start <= buf.shape[-2] - t:
-            raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
-        self._copy(x, self.time_slice(buf, start, start + t))
+        ops.check_write_time(buf, x, start)
+        self._copy(x, self.time_slice(buf, start, start + x.shape[-2]))
 
     def time_slice(self, x, start, stop):
-        if not 0 <= start <= stop <= x.shape[-2]:
-            raise ValueError(f"time_slice: need 0 <= start <= stop <= {x.shape[-2]}, got {start}:{stop}")
+        ops.check_time_slice(x, start, stop)
         return DeviceArray(x.data, (*x.shape[:-2], stop - start, x.shape[-1]), x.dtype, x.strides,
                            x.offset + start * x.strides[-2], x.keep)
 
@@ -504,8 +507,8 @@ class OpenCLBackend(Backend):
         return out
 
     def linear(self, x, weight, bias=None, residual=None, activation=None):
-        ops.check_linear(x, weight, bias, residual, half_weight=self.weight_storage == "float16")
-        act = np.int32(-1 if activation is None else self._activation_code(activation))
+        ops.check_linear(x, weight, bias, residual, activation, half_weight=self.weight_storage == "float16")
+        act = np.int32(-1 if activation is None else _activation_code(activation))
         x = self._dense(x)
         residual = None if residual is None else self._dense(residual)
         dtype = self._check_dtype(x, *(a for a in (bias, residual) if a is not None))
@@ -538,13 +541,8 @@ class OpenCLBackend(Backend):
                          np.int64(out.size), *args, out.data)
         return out
 
-    def _activation_code(self, kind: str) -> np.int32:
-        if kind not in ACTIVATION_CODES:
-            raise ValueError(f"activation kind must be one of {sorted(ACTIVATION_CODES)}, got {kind!r}")
-        return np.int32(ACTIVATION_CODES[kind])
-
     def activation(self, x, kind):
-        code = self._activation_code(kind)
+        code = _activation_code(kind)
         ops.check_float(f"{kind} x", x)
         x = self._dense(x)
         self._check_dtype(x)
@@ -554,7 +552,7 @@ class OpenCLBackend(Backend):
         ops.check_gated(gate, up)
         gate, up = self._dense(gate), self._dense(up)
         self._check_dtype(gate, up)
-        return self._map("gated", gate, self._activation_code(kind), gate.data, up.data)
+        return self._map("gated", gate, _activation_code(kind), gate.data, up.data)
 
     def _row_groups(self, width: int) -> int:
         """Work-group size (a power of two) of a one-group-per-row kernel over rows of `width`."""

@@ -56,7 +56,7 @@ class CountingBackend(Backend):
         return "projections"
 
     def linear(self, x, weight, bias=None, residual=None, activation=None):
-        """[..., in], [out, in], [out], [..., out] -> [..., out]; counts 2 * rows * in * out."""
+        """Backend.linear (epilogue activation and residual included); counts 2 * rows * in * out."""
         out_features, in_features = weight.shape
         rows = math.prod(x.shape[:-1])
         self.counts[self._component(weight.shape)] += gemm(rows, out_features, in_features)
