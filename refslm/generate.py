@@ -19,14 +19,12 @@ Sampling (`sample_tokens`) draws from an explicit numpy Generator(seed): a seed 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from .config import is_real
 from .models import Model, check_attention_mask, check_ids, leading_pads, rope_length
-from .ops import check_int
+from .ops import check_int, check_number, check_real
 
 
 class KVCache:
@@ -145,13 +143,13 @@ class CachedDecoder:
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError naming the argument unless temperature is finite > 0, top_k an int >= 1 (a TypeError
-    for another type) and 0 < top_p <= 1 (Python or NumPy scalars; top_k and top_p may be None)."""
-    if not (is_real(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    """Raise ValueError naming the argument unless temperature is finite > 0, top_k an int >= 1 and
+    0 < top_p <= 1 (Python or NumPy scalars; top_k and top_p may be None); a TypeError for a setting of
+    another type (ops.check_number / check_int / check_real)."""
+    check_number("temperature", temperature)
     if top_k is not None:
         check_int("top_k", top_k, 1)
-    if top_p is not None and not (is_real(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not 0 < check_real("top_p", top_p) <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

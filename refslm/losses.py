@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .config import is_real
-from .ops import check_float, check_int
+from .ops import check_float, check_int, check_number, check_real
 
 KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 NEG_INF = -np.inf
@@ -516,18 +515,9 @@ def row_weights(leading: tuple[int, ...], kept: np.ndarray | None, reduction: st
     return keep * (coefficient / denominator)
 
 
-def _check_real(name: str, x) -> float:
-    """A real-number argument (Python or NumPy scalar, not bool) -> float."""
-    if not is_real(x):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
-    return float(x)
-
-
 def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
     """-> the coefficient of the divergence: T^2 if scale_by_t2 else 1. T must be finite and > 0."""
-    t = _check_real("temperature", temperature)
-    if not 0.0 < t < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    t = check_number("temperature", temperature)
     if scale_by_t2 and not math.isfinite(t * t):
         raise ValueError(f"temperature**2 (scale_by_t2) overflows float64, got temperature {temperature!r}")
     return t * t if scale_by_t2 else 1.0
@@ -535,7 +525,7 @@ def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
 
 def _check_fraction(name: str, x: float) -> float:
     """A real number in [0, 1] (beta, alpha, label_smoothing) -> float."""
-    x = _check_real(name, x)
+    x = check_real(name, x)
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {x}")
     return x

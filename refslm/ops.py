@@ -37,16 +37,21 @@ def check_float(name: str, x, like=None) -> None:
         raise TypeError(f"{name} must have the dtype of the other operands ({like.dtype}), got {dtype}")
 
 
+def check_real(name: str, value) -> float:
+    """A real number (Python or NumPy int or float, not bool) -> float; TypeError naming it otherwise."""
+    if type(value) is float:  # (isinstance against numbers.Real is slow: the common case first)
+        return value
+    if not is_real(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf
+
+
 def check_number(name: str, value, minimum: float = 0.0) -> float:
     """A finite real number > minimum -> float; TypeError / ValueError naming it otherwise."""
-    v = value
-    if type(v) is not float:  # (isinstance against numbers.Real is slow: the common case first)
-        if not is_real(v):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        try:
-            v = float(v)
-        except OverflowError:  # an int beyond float range
-            v = math.inf
+    v = check_real(name, value)
     if not minimum < v < math.inf:  # (False for NaN)
         raise ValueError(f"{name} must be a finite number > {minimum:g}, got {value!r}")
     return v

@@ -197,9 +197,9 @@ def test_nan_inf_and_all_banned_logits_are_refused(row):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
 ])
 def test_bad_sampling_arguments(kwargs, message):
-    """generate and sample_tokens apply the same checks (SPEC 4.2); a top_k that is no int is a TypeError."""
+    """generate and sample_tokens apply the same checks (SPEC 4.2); a setting of another type is a TypeError."""
     model = models.init(CONFIGS["mu"])
-    error = TypeError if isinstance(kwargs.get("top_k"), float) else ValueError
+    error = TypeError if isinstance(kwargs.get("top_k"), float) or kwargs.get("temperature") is True else ValueError
     with pytest.raises(error, match=message):
         model.generate(PROMPT, 2, **kwargs)
     logits = np.random.default_rng(0).standard_normal((2, 6))
