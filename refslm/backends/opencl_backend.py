@@ -395,14 +395,13 @@ class OpenCLBackend(Backend):
         return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
     def _check_dtype(self, *arrays: DeviceArray) -> np.dtype:
+        """-> the operands' dtype: every one a device array, in a dtype this device computes in (the
+        ops.check_* call before it has made their dtypes equal)."""
         for a in arrays:
             _check_device(a)
         dtype = arrays[0].dtype
         if dtype not in self._compute_dtypes:
             raise TypeError(f"opencl backend on {self.device_name} computes in {self.dtypes}, got {dtype}")
-        for a in arrays[1:]:
-            if a.dtype != dtype:
-                raise TypeError(f"operands must share one dtype, got {dtype} and {a.dtype}")
         return dtype
 
     def asarray(self, x: np.ndarray) -> DeviceArray:
