@@ -309,17 +309,23 @@ def longrope_attention_factor(factor: float, original_max_position: int) -> floa
     return math.sqrt(1.0 + math.log(factor) / math.log(original_max_position))
 
 
+def check_ntk(head_dim: int, seq_len: int, factor: float, block_size: int) -> None:
+    """seq_len an int >= 0, block_size an int >= 1, factor a finite number > 0; with factor > 1 (NTK
+    active) an even head_dim > 2 (the exponent D / (D - 2))."""
+    check_int("NTK seq_len", seq_len, 0)
+    check_int("NTK block_size", block_size, 1)
+    if check_number("NTK factor", factor) > 1.0 and check_head_dim(head_dim) == 2:
+        raise ValueError("dynamic NTK RoPE needs head_dim > 2 (its exponent is D / (D - 2)), got 2")
+
+
 def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: float, block_size: int) -> float:
     """Dynamic NTK base (Mu and HF 'dynamic'): unchanged unless factor > 1 and seq_len > block_size.
 
     L = max(seq_len, block_size); theta' = theta * (factor L / block_size - (factor - 1))^(D / (D - 2)).
     """
-    if check_number("NTK factor", factor) <= 1.0:
+    check_ntk(head_dim, seq_len, factor, block_size)
+    if factor <= 1.0:
         return theta
-    check_int("NTK seq_len", seq_len, 0)
-    check_int("NTK block_size", block_size, 1)
-    if check_head_dim(head_dim) == 2:
-        raise ValueError("dynamic NTK RoPE needs head_dim > 2 (its exponent is D / (D - 2)), got 2")
     length = max(seq_len, block_size)
     return theta * ((factor * length / block_size) - (factor - 1.0)) ** (head_dim / (head_dim - 2))
 
@@ -327,6 +333,20 @@ def rope_theta_for_length(theta: float, head_dim: int, seq_len: int, factor: flo
 def centred_positions(length: int) -> np.ndarray:
     """-> [L] int64: p - (L-1)//2 for p in 0..L-1 (the public Mu encoder's bidirectional positions)."""
     return np.arange(check_int("centred_positions length", length, 0), dtype=np.int64) - (length - 1) // 2
+
+
+def check_rope_tables(positions, layout: str, linear_factor: float, scale: float) -> np.ndarray:
+    """positions integers or finite floats (-> an array), a known layout, linear_factor and scale finite
+    numbers > 0 (rope_inv_freq checks head_dim, theta and the longrope factors)."""
+    check_layout(layout)
+    check_number("rope linear_factor", linear_factor)
+    check_number("rope scale", scale)
+    positions = np.asarray(positions)
+    if positions.dtype.kind not in "iuf":
+        raise TypeError(f"rope positions must be integers (or floats), got dtype {positions.dtype}")
+    if positions.dtype.kind == "f" and not np.isfinite(positions).all():
+        raise ValueError("rope positions must be finite")
+    return positions
 
 
 def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str = "rotate_half",
@@ -340,13 +360,7 @@ def rope_cos_sin(positions: np.ndarray, head_dim: int, theta: float, layout: str
     (longrope's attention factor). positions are integers or finite floats; head_dim an even int >= 2;
     theta, linear_factor and scale finite numbers > 0 (else TypeError / ValueError naming them).
     """
-    check_layout(layout)
-    positions = np.asarray(positions)
-    if positions.dtype.kind not in "iuf":
-        raise TypeError(f"rope positions must be integers (or floats), got dtype {positions.dtype}")
-    if positions.dtype.kind == "f" and not np.isfinite(positions).all():
-        raise ValueError("rope positions must be finite")
-    linear_factor, scale = check_number("rope linear_factor", linear_factor), check_number("rope scale", scale)
+    positions = check_rope_tables(positions, layout, linear_factor, scale)
     inv_freq = rope_inv_freq(head_dim, theta, ext_factors)
     angles = (positions.astype(np.float64) / linear_factor)[..., None] * inv_freq
     full = np.concatenate([angles, angles], axis=-1) if layout == "rotate_half" else np.repeat(angles, 2, axis=-1)
