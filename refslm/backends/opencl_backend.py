@@ -222,12 +222,19 @@ class DeviceArray:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, strides={self.strides}, offset={self.offset})"
 
 
+def _numeric_dtype(name: str, dtype) -> np.dtype:
+    """A bool, integer or float dtype (anything else, e.g. object arrays of host pointers, must never reach a
+    device); TypeError naming it otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a bool, integer or float array, got dtype {dtype}")
+    return dtype
+
+
 def _numeric(name: str, x) -> np.ndarray:
-    """x as an ndarray of bool, integers or floats (anything else, e.g. object arrays of pointers, must never
-    be copied to a device); TypeError naming it otherwise."""
+    """x as an ndarray of a _numeric_dtype."""
     x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a bool, integer or float array, got dtype {x.dtype}")
+    _numeric_dtype(name, x.dtype)
     return x
 
 
@@ -450,10 +457,7 @@ class OpenCLBackend(Backend):
     def empty(self, shape, dtype) -> DeviceArray:
         if not all(type(s) is int or isinstance(s, np.integer) for s in shape) or min(shape, default=0) < 0:
             raise ValueError(f"empty: shape must be ints >= 0, got {shape!r}")
-        dtype = np.dtype(dtype)
-        if dtype.kind not in "biuf":
-            raise TypeError(f"empty: dtype must be bool, integer or float, got {dtype}")
-        return self._new(tuple(int(s) for s in shape), dtype)
+        return self._new(tuple(int(s) for s in shape), _numeric_dtype("empty", dtype))
 
     def _copy(self, src: DeviceArray, dst: DeviceArray) -> None:
         """dst[...] = src[...] for (possibly strided) views of the same shape, up to 4-D."""
