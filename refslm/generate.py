@@ -34,17 +34,20 @@ class KVCache:
         cfg, be = model.config, model.backend
         shape = (batch, cfg.n_kv_head, capacity, cfg.resolved_head_dim)
         self.backend = be
+        self.layout = cfg.rope_layout
         self.k = be.empty(shape, np.dtype(model.dtype))
         self.v = be.empty(shape, np.dtype(model.dtype))
 
-    def update(self, k: Any, v: Any, start: int) -> tuple[Any, Any]:
-        """Store k/v [B, Hkv, T, D] at times start..start+T-1 -> all keys/values [B, Hkv, start+T, D]."""
+    def update(self, q: Any, k: Any, v: Any, start: int, rope: tuple[np.ndarray, np.ndarray]) -> tuple[Any, Any, Any]:
+        """New q [B, Hq, T, D], k/v [B, Hkv, T, D] at times start..start+T-1 (unrotated), rope (cos, sin)
+        -> (rotated q, all keys, all values [B, Hkv, start+T, D]): the rotated k and v are stored
+        (Backend.rope_store_kv, one launch on a device)."""
         stop = start + k.shape[-2]
         if stop > self.k.shape[-2]:
             raise ValueError(f"KV cache capacity {self.k.shape[-2]} exceeded (needs {stop})")
-        self.backend.write_time(self.k, k, start)
-        self.backend.write_time(self.v, v, start)
-        return self.backend.time_slice(self.k, 0, stop), self.backend.time_slice(self.v, 0, stop)
+        be = self.backend
+        q = be.rope_store_kv(q, k, v, *rope, self.layout, self.k, self.v, start)
+        return q, be.time_slice(self.k, 0, stop), be.time_slice(self.v, 0, stop)
 
 
 def check_not_right_padded(ids: np.ndarray, pad_token_id: int | None, eos_token_id: int) -> None:

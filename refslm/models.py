@@ -444,24 +444,17 @@ class Model:
         h = be.rmsnorm(x, self.weights.final_norm, self.config.norm_eps)
         return be.to_numpy(be.linear(h, self.weights.lm_head))
 
-    def project_kv(self, attn: Attention, x: Array, rope: tuple | None = None) -> tuple[Array, Array]:
-        """[B, T, C] -> k, v [B, Hkv, T, D] (k rotated when rope (cos, sin) is given)."""
-        be, cfg = self.backend, self.config
-        k = be.split_heads(be.linear(x, attn.k.weight, attn.k.bias), cfg.n_kv_head)
-        v = be.split_heads(be.linear(x, attn.v.weight, attn.v.bias), cfg.n_kv_head)
-        if rope is not None:
-            k = be.rope(k, *rope, cfg.rope_layout)
-        return k, v
+    def project(self, linear: Linear, x: Array, n_head: int) -> Array:
+        """[B, T, C] -> heads [B, n_head, T, D] of the projection x W^T + b."""
+        be = self.backend
+        return be.split_heads(be.linear(x, linear.weight, linear.bias), n_head)
 
-    def attend(self, attn: Attention, x: Array, k: Array, v: Array, *, rope: tuple | None, mask: np.ndarray | None,
-               causal: bool, q_start: int = 0, residual: Array, segment_ids: np.ndarray | None = None) -> Array:
-        """Query input x [B, Tq, C], k/v [B, Hkv, Tk, D] -> residual + out(attention) [B, Tq, C]: q projection,
-        RoPE, attention (key mask, causal, segment_ids [B, Tk]: see ops.attention), out projection with the
-        residual [B, Tq, C] added (Backend.linear)."""
+    def attend(self, attn: Attention, q: Array, k: Array, v: Array, *, mask: np.ndarray | None, causal: bool,
+               q_start: int = 0, residual: Array, segment_ids: np.ndarray | None = None) -> Array:
+        """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] -> residual + out(attention) [B, Tq, C]: attention (key mask,
+        causal, segment_ids [B, Tk]: see ops.attention), then the out projection with the residual
+        [B, Tq, C] added (Backend.linear)."""
         be, cfg = self.backend, self.config
-        q = be.split_heads(be.linear(x, attn.q.weight, attn.q.bias), cfg.n_head)
-        if rope is not None:
-            q = be.rope(q, *rope, cfg.rope_layout)
         y = be.attention(q, k, v, key_mask=mask, causal=causal, q_start=q_start, interleaved=cfg.is_interleaved,
                          mask_fill=cfg.mask_fill, segment_ids=segment_ids)
         return be.linear(be.merge_heads(y), attn.o.weight, attn.o.bias, residual)
@@ -481,24 +474,28 @@ class Model:
         """One pre-norm block: x [B, T, C] -> [B, T, C].
 
         Self-attention over x (RoPE from rope, key mask [B, start+T], causal when asked). With a
-        cache (an object with update(k, v, start) -> (k_all, v_all), see refslm.generate.KVCache)
-        the new keys/values are stored at times start.. and attention reads the whole prefix. cross =
-        (k, v, mask) of the encoder output adds cross-attention (no RoPE) after self-attention.
+        cache (an object with update(q, k, v, start, rope) -> (rotated q, k_all, v_all), see
+        refslm.generate.KVCache) the new keys/values are rotated and stored at times start.. and
+        attention reads the whole prefix. cross = (k, v, mask) of the encoder output adds
+        cross-attention (no RoPE) after self-attention.
         segment_ids [B, start+T] restricts self-attention to tokens of the same segment (packed rows).
         Each sub-layer's output projection adds the residual stream: x = x + sublayer(norm(x)).
         """
-        be, eps = self.backend, self.config.norm_eps
-        h = be.rmsnorm(x, block.attn_norm, eps)
-        k, v = self.project_kv(block.attn, h, rope)
-        if cache is not None:
-            k, v = cache.update(k, v, start)
-        x = self.attend(block.attn, h, k, v, rope=rope, mask=mask, causal=causal, q_start=start, residual=x,
+        be, cfg = self.backend, self.config
+        h = be.rmsnorm(x, block.attn_norm, cfg.norm_eps)
+        q, k, v = (self.project(linear, h, n) for linear, n in
+                   ((block.attn.q, cfg.n_head), (block.attn.k, cfg.n_kv_head), (block.attn.v, cfg.n_kv_head)))
+        if cache is None:
+            q, k = be.rope(q, *rope, cfg.rope_layout), be.rope(k, *rope, cfg.rope_layout)
+        else:
+            q, k, v = cache.update(q, k, v, start, rope)
+        x = self.attend(block.attn, q, k, v, mask=mask, causal=causal, q_start=start, residual=x,
                         segment_ids=segment_ids)
         if cross is not None:
             cross_k, cross_v, cross_mask = cross
-            h = be.rmsnorm(x, block.cross_norm, eps)
-            x = self.attend(block.cross_attn, h, cross_k, cross_v, rope=None, mask=cross_mask, causal=False, residual=x)
-        return self.mlp(block.mlp, be.rmsnorm(x, block.mlp_norm, eps), residual=x)
+            q = self.project(block.cross_attn.q, be.rmsnorm(x, block.cross_norm, cfg.norm_eps), cfg.n_head)
+            x = self.attend(block.cross_attn, q, cross_k, cross_v, mask=cross_mask, causal=False, residual=x)
+        return self.mlp(block.mlp, be.rmsnorm(x, block.mlp_norm, cfg.norm_eps), residual=x)
 
     # ---- encoder-decoder
     def encode(self, input_ids: np.ndarray, *, centred_positions: bool = True, attention_mask: Any = None) -> Array:
@@ -530,7 +527,9 @@ class Model:
         if ids.shape[0] != encoded.shape[0] or ids.shape[1] != encoded.shape[1]:
             raise ValueError(f"input_ids {ids.shape} must match the encoder output's [B, Te] = {encoded.shape[:2]}")
         mask = key_mask(ids, self.config.pad_token_id, check_attention_mask(attention_mask, ids.shape))
-        return [(*self.project_kv(block.cross_attn, encoded), mask) for block in self.weights.blocks]
+        n = self.config.n_kv_head
+        return [(self.project(block.cross_attn.k, encoded, n), self.project(block.cross_attn.v, encoded, n), mask)
+                for block in self.weights.blocks]
 
     # ---- decoder (both kinds)
     def decode(self, ids: np.ndarray, *, positions: np.ndarray | None = None, mask_ids: np.ndarray | None = None,

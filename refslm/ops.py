@@ -414,11 +414,27 @@ def check_time_slice(x, start, stop) -> None:
 
 
 def check_write_time(buf, x, start) -> None:
-    """x [..., T, D] fits buf [..., Tmax, D] at times start..start+T-1 (Backend.write_time)."""
+    """x [..., T, D] fits buf [..., Tmax, D] of its dtype at times start..start+T-1 (Backend.write_time)."""
     check_int("write_time start", start, 0)
+    check_float("write_time x", x)
+    check_float("write_time buf", buf, like=x)
     if len(x.shape) < 2 or buf.shape[:-2] != x.shape[:-2] or buf.shape[-1] != x.shape[-1] \
             or start + x.shape[-2] > buf.shape[-2]:
         raise ValueError(f"write_time: x {x.shape} does not fit buf {buf.shape} at time {start}")
+
+
+def check_rope_store_kv(q, k, v, cos, sin, layout: str, cache_k, cache_v, start) -> None:
+    """Backend.rope_store_kv: q [B, Hq, T, D] and k, v [B, Hkv, T, D] of one dtype with RoPE tables for them
+    (check_rope), k and v fitting the caches cache_k, cache_v [B, Hkv, capacity, D] at start (check_write_time)."""
+    check_rope(q, cos, sin, layout)
+    check_rope(k, cos, sin, layout)
+    check_float("rope_store_kv k", k, like=q)
+    check_float("rope_store_kv v", v, like=q)
+    if v.shape != k.shape or k.shape[0] != q.shape[0]:
+        raise ValueError(f"rope_store_kv: need q [B, Hq, T, D] and k, v [B, Hkv, T, D], got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    check_write_time(cache_k, k, start)
+    check_write_time(cache_v, v, start)
 
 
 def check_merge_heads(x) -> None:

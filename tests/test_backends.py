@@ -55,11 +55,42 @@ def test_linear_applies_the_activation_then_adds_the_residual(name, rows):
             be.linear(x, w, b, activation="relu")
 
 
+@pytest.mark.parametrize("name", available_backends())
+@pytest.mark.parametrize("layout", ["rotate_half", "interleaved"])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rope_store_kv_is_rope_then_the_cache_writes(name, layout, per_batch):
+    """rope_store_kv (one launch on opencl) = rope(q), and rope(k), v written into the caches at start.., bit
+    for bit the backend's separate rope and write_time, on head views of a projection (strided on a device),
+    with GQA (Hq = 4, Hkv = 2); cache times outside the window keep their values."""
+    be = get_backend(name)
+    rng = np.random.default_rng(11)
+    b, hq, hkv, t, d, capacity, start = 2, 4, 2, 3, 8, 7, 2
+    positions = np.arange(start, start + t)[None] + (np.arange(b)[:, None] if per_batch else 0)
+    cos, sin = ops.rope_cos_sin(positions, d, 10000.0, layout)
+    for dtype in be.dtypes:
+        q, k, v = (be.split_heads(be.asarray(rng.standard_normal((b, t, h * d)).astype(dtype)), h)
+                   for h in (hq, hkv, hkv))
+        before = rng.standard_normal((b, hkv, capacity, d)).astype(dtype)
+        fused = [be.asarray(before.copy()) for _ in range(2)]
+        separate = [be.asarray(before.copy()) for _ in range(2)]
+        rotated_q = be.rope_store_kv(q, k, v, cos, sin, layout, *fused, start)
+        be.write_time(separate[0], be.rope(k, cos, sin, layout), start)
+        be.write_time(separate[1], v, start)
+        np.testing.assert_array_equal(be.to_numpy(rotated_q), be.to_numpy(be.rope(q, cos, sin, layout)))
+        for got, want in zip(fused, separate, strict=True):
+            np.testing.assert_array_equal(be.to_numpy(got), be.to_numpy(want))
+        window = be.to_numpy(fused[1])
+        np.testing.assert_array_equal(window[:, :, start:start + t], be.to_numpy(v))
+        outside = np.r_[0:start, start + t:capacity]
+        np.testing.assert_array_equal(window[:, :, outside], before[:, :, outside])
+
+
 # ---------------------------------------------------------------- bad input: every backend rejects it alike
 
-# leading arguments that are backend arrays (the rest stay on the host)
-DEVICE_ARGUMENTS = {"rope": 1, "attention": 3, "linear": 4, "rmsnorm": 2, "gated": 2, "activation": 1,
-                    "split_heads": 1, "write_time": 2, "time_slice": 1, "empty": 0}
+# positions of the arguments that are backend arrays (the rest stay on the host)
+DEVICE_ARGUMENTS = {"rope": (0,), "attention": (0, 1, 2), "linear": (0, 1, 2, 3), "rmsnorm": (0, 1), "gated": (0, 1),
+                    "activation": (0,), "split_heads": (0,), "write_time": (0, 1), "time_slice": (0,), "empty": (),
+                    "rope_store_kv": (0, 1, 2, 6, 7)}
 
 
 class OnDevice:
@@ -70,10 +101,10 @@ class OnDevice:
         self.backend = backend
 
     def __getattr__(self, name):
-        method, count = getattr(self.backend, name), DEVICE_ARGUMENTS[name]
+        method, positions = getattr(self.backend, name), DEVICE_ARGUMENTS[name]
 
         def call(*args, **kwargs):
-            return method(*(self.backend.asarray(a) if i < count and isinstance(a, np.ndarray) else a
+            return method(*(self.backend.asarray(a) if i in positions and isinstance(a, np.ndarray) else a
                             for i, a in enumerate(args)), **kwargs)
         return call
 
@@ -96,6 +127,14 @@ def _rope(be, x_shape=(1, 1, 2, 4), layout="rotate_half", dtype=np.float64):
     t, d = x_shape[-2:]
     return be.rope(np.arange(np.prod(x_shape)).reshape(x_shape).astype(dtype), np.ones((1, t, d)), np.ones((1, t, d)),
                    layout)
+
+
+def _rope_store_kv(be, k_shape=(2, 1, 2, 4), v_shape=None, v_dtype=np.float64, start=0):
+    q, k = np.ones((2, 2, 2, 4)), np.ones(k_shape)
+    v = np.ones(v_shape or k_shape, v_dtype)
+    cache = np.zeros((2, 1, 5, 4))
+    tables = np.ones((1, 2, 4))
+    return be.rope_store_kv(q, k, v, tables, tables, "rotate_half", cache, cache.copy(), start)
 
 
 f32, f16, ones = np.float32, np.float16, np.ones
@@ -176,6 +215,17 @@ BAD_INPUT = {  # case: (error, what the message must say, the call)
                             lambda be: be.write_time(be.empty((1, 1, 4, 2), f32), ones((1, 1, 1, 2), f32), -1)),
     "write_time overflow": (ValueError, r"write_time: x \(1, 1, 2, 2\) does not fit buf \(1, 1, 4, 2\) at time 3",
                             lambda be: be.write_time(be.empty((1, 1, 4, 2), f32), ones((1, 1, 2, 2), f32), 3)),
+    "write_time dtypes": (TypeError, r"write_time buf must have the dtype of the other operands \(float64\), got "
+                          "float32",
+                          lambda be: be.write_time(be.empty((1, 1, 4, 2), f32), ones((1, 1, 1, 2)), 0)),
+    "rope_store_kv batches": (ValueError, r"rope_store_kv: need q \[B, Hq, T, D\] and k, v \[B, Hkv, T, D\]",
+                              lambda be: _rope_store_kv(be, k_shape=(1, 1, 2, 4))),
+    "rope_store_kv v shape": (ValueError, r"rope_store_kv: need q .* got \(2, 2, 2, 4\), \(2, 1, 2, 4\), "
+                              r"\(2, 2, 2, 4\)", lambda be: _rope_store_kv(be, v_shape=(2, 2, 2, 4))),
+    "rope_store_kv v dtype": (TypeError, "rope_store_kv v must have the dtype of the other operands",
+                              lambda be: _rope_store_kv(be, v_dtype=f32)),
+    "rope_store_kv overflow": (ValueError, r"write_time: x \(2, 1, 2, 4\) does not fit buf \(2, 1, 5, 4\) at time 4",
+                               lambda be: _rope_store_kv(be, start=4)),
     "time_slice reversed": (ValueError, r"time_slice: need x \[\.\.\., T, D\] and 0 <= start <= stop <= T",
                             lambda be: be.time_slice(ones((1, 1, 4, 2), f32), 3, 1)),
     # activations

@@ -346,7 +346,7 @@ def test_decode_step_launch_count(make):
     cfg = make()
     model = models.from_params(cfg, models.init(cfg, seed=0).params, dtype="float32", backend="opencl")
     decoder = CachedDecoder(model, np.arange(3, 9)[None], 4)
-    self_attention = 1 + 3 + 2 + 2 + 1 + 1  # norm, q/k/v, rope q/k, cache writes k/v, attention, o + residual
+    self_attention = 1 + 3 + 1 + 1 + 1  # norm, q/k/v, rope q/k with the cache writes, attention, o + residual
     cross_attention = 1 + 1 + 1 + 1  # norm, q, attention, o + residual
     mlp = 1 + 1 + 1  # norm, up with its activation (Mu's GELU MLP), down + residual
     per_block = self_attention + mlp + (cross_attention if model.is_encoder_decoder else 0)

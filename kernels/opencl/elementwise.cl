@@ -49,30 +49,74 @@ __kernel void rmsnorm(const int C, const REAL eps, const int unit_offset, __glob
     }
 }
 
-/* out [B, H, T, D] (dense) = x * cos + rotate(x) * sin; x is a strided view (offset and strides of b, h, t
- * in elements, d contiguous); cos/sin [B or 1, T, D]; layout 0 rotate_half, 1 interleaved. */
+/* Strided [B, H, T, D] views (d contiguous) as kernel arguments: buffer, offset and strides of b, h, t in
+ * elements; AT(p, b, h, t) points at the row [D] of (b, h, t). */
+#define VIEW(p) __global REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+#define AT(p, b, h, t) (p + p##_off + (b) * p##_sb + (long)(h) * p##_sh + (long)(t) * p##_st)
+
+/* Flat index i of a dense [B, H, T, D] array -> (b, h, t, d), and c: the index of its entry in RoPE tables
+ * cos/sin [B or 1, T, D]. */
+typedef struct { long b; int h, t, d; long c; } RopeIndex;
+inline RopeIndex rope_index(const long i, const int H, const int T, const int D, const int cos_per_batch) {
+    RopeIndex r;
+    r.d = i % D;
+    const long bht = i / D;
+    r.t = bht % T;
+    r.h = (bht / T) % H;
+    r.b = bht / T / H;
+    r.c = (cos_per_batch ? r.b * T : 0) * D + (long)r.t * D + r.d;
+    return r;
+}
+
+/* Element r.d of x_row [D] rotated: x * cos + rotate(x) * sin, layout interleaved (pairs 2i, 2i+1) or
+ * rotate_half (pairs i, i + D/2). */
+inline REAL rope_element(__global const REAL *x_row, const RopeIndex r, const int D, const int interleaved,
+                         __global const REAL *cs, __global const REAL *sn) {
+    const int d = r.d;
+    REAL rotated;
+    if (interleaved) {
+        rotated = (d % 2 == 0) ? -x_row[d + 1] : x_row[d - 1];
+    } else {
+        const int half_d = D / 2;
+        rotated = (d < half_d) ? -x_row[d + half_d] : x_row[d - half_d];
+    }
+    return x_row[d] * cs[r.c] + rotated * sn[r.c];
+}
+
+/* out [B, H, T, D] (dense) = rope(x), x a strided view; cos/sin [B or 1, T, D]; layout 0 rotate_half,
+ * 1 interleaved. */
 __kernel void rope(const int H, const int T, const int D, const long total, const int cos_per_batch,
-                   const int interleaved, __global const REAL *x, const long x_off, const long x_sb,
-                   const long x_sh, const long x_st, __global const REAL *cs, __global const REAL *sn,
+                   const int interleaved, VIEW(x), __global const REAL *cs, __global const REAL *sn,
                    __global REAL *out) {
     const long i = get_global_id(0);
     if (i >= total) return;
-    const int d = i % D;
-    const long bht = i / D;
-    const int t = bht % T;
-    const long bh = bht / T;
-    const long h = bh % H, b = bh / H;
-    __global const REAL *xr = x + x_off + b * x_sb + h * x_sh + t * x_st;
-    const long c = (cos_per_batch ? b * T : 0) * D + (long)t * D + d;
-    REAL rotated;
-    if (interleaved) {
-        rotated = (d % 2 == 0) ? -xr[d + 1] : xr[d - 1];
-    } else {
-        const int half_d = D / 2;
-        rotated = (d < half_d) ? -xr[d + half_d] : xr[d - half_d];
-    }
-    out[i] = xr[d] * cs[c] + rotated * sn[c];
+    const RopeIndex r = rope_index(i, H, T, D, cos_per_batch);
+    out[i] = rope_element(AT(x, r.b, r.h, r.t), r, D, interleaved, cs, sn);
 }
+
+/* A cached step's RoPE and KV-cache writes in one launch, over the rows of q [B, Hq, T, D], k and
+ * v [B, Hkv, T, D] (strided views) taken as heads 0..Hq-1, Hq.., Hq+Hkv.. of one [B, Hq + 2 Hkv, T, D]:
+ * q_out [B, Hq, T, D] (dense) = rope(q); cache_k[b, h, t] = rope(k); cache_v[b, h, t] = v, where the
+ * cache views [B, Hkv, T, D] start at the first written time (the window start.. of the cache). */
+__kernel void rope_store_kv(const int Hq, const int Hkv, const int T, const int D, const long total,
+                            const int cos_per_batch, const int interleaved, VIEW(q), VIEW(k), VIEW(v),
+                            __global const REAL *cs, __global const REAL *sn, __global REAL *q_out,
+                            VIEW(cache_k), VIEW(cache_v)) {
+    const long i = get_global_id(0);
+    if (i >= total) return;
+    const RopeIndex r = rope_index(i, Hq + 2 * Hkv, T, D, cos_per_batch);
+    const long b = r.b;
+    const int h = r.h, t = r.t;
+    if (h < Hq) {
+        q_out[((b * Hq + h) * T + t) * D + r.d] = rope_element(AT(q, b, h, t), r, D, interleaved, cs, sn);
+    } else if (h < Hq + Hkv) {
+        AT(cache_k, b, h - Hq, t)[r.d] = rope_element(AT(k, b, h - Hq, t), r, D, interleaved, cs, sn);
+    } else {
+        AT(cache_v, b, h - Hq - Hkv, t)[r.d] = AT(v, b, h - Hq - Hkv, t)[r.d];
+    }
+}
+#undef VIEW
+#undef AT
 
 /* One work-group per row of x [rows, N]: out = exp(x - max) / sum exp(x - max). */
 __kernel void softmax_rows(const int N, __global const REAL *x, __global REAL *out, __local REAL *scratch) {

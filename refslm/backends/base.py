@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import ops
+
 Array = Any  # the backend's array type
 
 
 class Backend:
-    """Interface. Subclasses implement every method but `weight`; `NumpyBackend` is the definition."""
+    """Interface. Subclasses implement every method but `weight` and `rope_store_kv`, whose defaults are
+    built from the others; `NumpyBackend` is the definition."""
 
     name: str = "abstract"
     dtypes: tuple[str, ...] = ("float32", "float64")
@@ -94,6 +97,17 @@ class Backend:
     def rope(self, x: Array, cos: np.ndarray, sin: np.ndarray, layout: str) -> Array:
         """x [B, H, T, D] (D even), cos/sin [B or 1, T, D] float host arrays -> rotated x; see ops.apply_rope."""
         raise NotImplementedError
+
+    def rope_store_kv(self, q: Array, k: Array, v: Array, cos: np.ndarray, sin: np.ndarray, layout: str,
+                      cache_k: Array, cache_v: Array, start: int) -> Array:
+        """A cached step's RoPE and KV-cache writes: q [B, Hq, T, D] -> rotated q; rope(k) and v [B, Hkv, T, D]
+        are written into cache_k / cache_v [B, Hkv, capacity, D] at times start..start+T-1 (in place).
+
+        Defined by rope and write_time (this default); a device backend fuses it into one launch."""
+        ops.check_rope_store_kv(q, k, v, cos, sin, layout, cache_k, cache_v, start)
+        self.write_time(cache_k, self.rope(k, cos, sin, layout), start)
+        self.write_time(cache_v, v, start)
+        return self.rope(q, cos, sin, layout)
 
     def attention(self, q: Array, k: Array, v: Array, *, key_mask: np.ndarray | None, causal: bool,
                   q_start: int, interleaved: bool, mask_fill: str, segment_ids: np.ndarray | None = None) -> Array:

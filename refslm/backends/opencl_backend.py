@@ -613,6 +613,23 @@ class OpenCLBackend(Backend):
                          np.int32(layout == "interleaved"), *self._bhtd_args(x), cos_d.data, sin_d.data, out.data)
         return out
 
+    def rope_store_kv(self, q, k, v, cos, sin, layout, cache_k, cache_v, start):
+        ops.check_rope_store_kv(q, k, v, cos, sin, layout, cache_k, cache_v, start)
+        dtype = self._check_dtype(q, k, v, cache_k, cache_v)
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        out = self._new(q.shape, dtype)
+        total = b * (hq + 2 * hkv) * t * d
+        if total:
+            cos_d, sin_d = self.upload(cos.astype(dtype)), self.upload(sin.astype(dtype))
+            window_k, window_v = (self.time_slice(c, start, start + t) for c in (cache_k, cache_v))
+            self._launch(self.kernel("elementwise.cl", "rope_store_kv", dtype), *self._elementwise_size(total),
+                         np.int32(hq), np.int32(hkv), np.int32(t), np.int32(d), np.int64(total),
+                         np.int32(cos.shape[0] > 1), np.int32(layout == "interleaved"), *self._bhtd_args(q),
+                         *self._bhtd_args(k), *self._bhtd_args(v), cos_d.data, sin_d.data, out.data,
+                         *self._bhtd_args(window_k), *self._bhtd_args(window_v))
+        return out
+
     def _bhtd_args(self, a: DeviceArray) -> tuple:
         """A [B, H, T, D] view with contiguous D -> (buffer, offset, stride b, stride h, stride t) in elements."""
         if a.ndim != 4 or (a.strides[3] != 1 and a.shape[3] > 1):
