@@ -769,10 +769,17 @@ def hf_model_cases() -> list[Case]:
          "n_embd / n_head, untied head, left and right padding, finite_min fill",
          do_config(**{**base, "layout": "phi3", "head_dim": None, "n_head": 4, "tie_word_embeddings": False,
                       "mask_fill": "finite_min", "norm_eps": 1e-5}), [(2, 0), (0, 2)], 9),
-        *[(f"model_phi3_hf_longrope_{side}", f"Hugging Face Phi3ForCausalLM with Phi-3.5's longrope RoPE: "
-           f"original_max_position 16, max positions 64 (cos/sin scale sqrt(1 + ln 4 / ln 16)), T = {t} so the "
-           f"{side} factors apply, right padding", do_config(**{**base, **LONGROPE}), [(0, 0), (0, 3)], t)
-          for side, t in (("short", 12), ("long", 20))],
+        *[(f"model_phi3_hf_longrope_{name}", f"Hugging Face Phi3ForCausalLM with Phi-3.5's longrope RoPE: "
+           f"original_max_position 16, max positions 64 (cos/sin scale sqrt(1 + ln 4 / ln 16)), T = {t}{why} so "
+           f"the {side} factors apply, right padding", do_config(**{**base, **LONGROPE}), [(0, 0), (0, 3)], t)
+          for name, side, t, why in (("short", "short", 12, ""), ("at_switch", "short", 16, " = original_max "
+                                     "(the switch needs L > 16)"), ("long", "long", 20, ""))],
+        ("model_llama_hf_left_padded_ntk", "Hugging Face LlamaForCausalLM, dynamic NTK (factor 2, block_size 8), "
+         "T 10 with every row left padded (2 and 3 pads) and position_ids = t - leading pads (clamped at 0): "
+         "L = max position + 1 = 8 <= block_size, so the base stays 10000 (T = 10 would change it); "
+         "finite_min fill (the pads' fully masked rows average all values, as transformers' eager mask does)",
+         do_config(**{**base, "layout": "llama", "tie_word_embeddings": False, "rope_type": "dynamic",
+                      "rope_factor": 2.0, "block_size": 8, "mask_fill": "finite_min"}), [(2, 0), (3, 0)], 10),
     ]
     cases = []
     for name, description, cfg, rows, t in specs:
@@ -780,12 +787,15 @@ def hf_model_cases() -> list[Case]:
         params = random_params(g, hf_param_shapes(cfg))
         inputs = {"input.input_ids": padded_ids(g, rows, t, cfg["vocab_size"]),
                   **{f"param.{k}": v for k, v in params.items()}}
+        if all(left for left, _ in rows):  # every row left padded: each row's positions start at 0
+            inputs["input.position_ids"] = (torch.arange(t)[None] - torch.tensor([[left] for left, _ in rows])).clamp(0)
 
         def compute(t, cfg=cfg):
-            logits = hf_logits(cfg, params_of(t), t["input.input_ids"])
+            ids, positions = t["input.input_ids"], t.get("input.position_ids")
+            logits = hf_logits(cfg, params_of(t), ids, positions)
             if cfg["layout"] == "llama":  # cross-check: the SPEC.md formulas in this file give the same numbers
                 r = 1e-12 if logits.dtype == F64 else 1e-4
-                assert torch.allclose(logits, llama_logits(cfg, params_of(t), t["input.input_ids"]),
+                assert torch.allclose(logits, llama_logits(cfg, params_of(t), ids, positions),
                                       rtol=r, atol=r * float(logits.abs().max())), "transformers != SPEC"
             return {"output.logits": logits}
 
@@ -1026,6 +1036,9 @@ def loss_cases() -> list[Case]:
          "skew_kl", {"alpha": 0.1, "reduction": "sum", "temperature": 1.5}, teacher_inf, {"mask": mask}),
         ("skew_reverse_kl_none", "skew reverse KL alpha 0.2, teacher -inf entries, reduction none",
          "skew_reverse_kl", {"alpha": 0.2, "reduction": "none"}, teacher_inf, {}),
+        ("reverse_kl_none_t2", "reverse KL, temperature 2 with T^2 scaling, reduction none (value and gradient "
+         "both scaled by T^2)", "reverse_kl", {"temperature": 2.0, "scale_by_t2": True, "reduction": "none"},
+         teacher, {}),
         ("reverse_kl_zero_kept", "reverse KL with an all-False mask: value 0, gradient 0", "reverse_kl", {},
          teacher, {"mask": torch.zeros(b, t, dtype=torch.int64)}),
         ("forward_kl_vocab_truncate", "forward KL, teacher vocabulary 60 < student 64, vocab_policy truncate "
@@ -1339,11 +1352,11 @@ def spec_token_alignment(text_len, s_offsets, t_offsets, s_surfaces, t_surfaces)
 
 def cross_tokenizer_case() -> Case:
     """Two hand-made tokenizations of one text (offsets and byte surfaces), as two tokenizers would give."""
-    text = "low lower unhappy!"
+    text = "low lower unhappy! redo"
     student = [((0, 3), b"low"), ((3, 9), b" lower"), ((9, 12), b" un"), ((12, 17), b"happy"), ((17, 18), b"!"),
-               ((18, 18), b"")]  # the last: a zero-width token at the end (unaligned)
+               ((18, 23), b" redo"), ((23, 23), b"")]  # the last: a zero-width token at the end (unaligned)
     teacher = [((0, 2), b"lo"), ((2, 3), b"w"), ((3, 7), b" low"), ((7, 9), b"er"), ((9, 13), b" unh"),
-               ((13, 16), b"app"), ((16, 17), b"y"), ((17, 18), b"!")]
+               ((13, 16), b"app"), ((16, 17), b"y"), ((17, 18), b"!"), ((18, 20), b" r"), ((20, 23), b"edo")]
 
     def tensors(tokens, side):
         surfaces = [list(sf) for _, sf in tokens]
@@ -1360,8 +1373,9 @@ def cross_tokenizer_case() -> Case:
     inputs = {"input.text_codepoints": torch.tensor([ord(c) for c in text], dtype=torch.int64),
               **tensors(student, "student"), **tensors(teacher, "teacher")}
     return Case("align_cross_tokenizer", "align", "cross-tokenizer alignment (token_align.align_offsets) of two "
-                "tokenizations of 'low lower unhappy!': shared-start blocks, DTW over Levenshtein costs of token "
-                "bytes, closest teacher token; kinds coded unaligned 0, 1:1 1, many:1 2", inputs, compute,
+                "tokenizations of 'low lower unhappy! redo': shared-start blocks, DTW over Levenshtein costs of "
+                "token bytes, closest teacher token (for ' redo' the second on its path, 'edo'), a zero-width token "
+                "at the end; kinds coded unaligned 0, 1:1 1, many:1 2", inputs, compute,
                 {"mode": "cross_tokenizer", "kind_codes": KIND_CODES})
 
 
