@@ -113,7 +113,8 @@ def _target_weights(targets: np.ndarray, label_smoothing: float, vocab: int, sta
 def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, targets: np.ndarray | None,
               row_weight: np.ndarray, *, temperature: float, beta: float, label_smoothing: float,
               grad_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row losses and the gradient of their weighted sum (direct form; the normative kernel).
+    """Per-row losses and the gradient of their weighted sum (direct form; the kernel every backend implements,
+    its contract stated in SPEC.md section 6).
 
     Inputs: student [N, V] float32|float64 logits; teacher [N, V] same dtype (every kind except
     cross_entropy) or None; targets [N] int64 in [0, V) (cross_entropy) or None; row_weight [N]
