@@ -752,6 +752,9 @@ LONGROPE = dict(layout="phi3", head_dim=None, n_head=4, tie_word_embeddings=Fals
                 rope_long_factor=[1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 10.0, 12.5], rope_attention_factor=None)
 
 
+GIVEN_POSITION_IDS = {"model_llama_hf_left_padded_ntk"}  # cases run with position_ids = t - leading pads
+
+
 def hf_model_cases() -> list[Case]:
     base = dict(qkv_embd=None, head_dim=12, n_head=4, is_interleaved=True, n_layer=2, attention_bias=False,
                 mlp_bias=False, rope_type="default", mask_fill="-inf")
@@ -787,8 +790,8 @@ def hf_model_cases() -> list[Case]:
         params = random_params(g, hf_param_shapes(cfg))
         inputs = {"input.input_ids": padded_ids(g, rows, t, cfg["vocab_size"]),
                   **{f"param.{k}": v for k, v in params.items()}}
-        if all(left for left, _ in rows):  # every row left padded: each row's positions start at 0
-            inputs["input.position_ids"] = (torch.arange(t)[None] - torch.tensor([[left] for left, _ in rows])).clamp(0)
+        if name in GIVEN_POSITION_IDS:
+            inputs["input.position_ids"] = left_pad_positions(inputs["input.input_ids"], cfg["pad_token_id"])
 
         def compute(t, cfg=cfg):
             ids, positions = t["input.input_ids"], t.get("input.position_ids")

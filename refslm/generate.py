@@ -40,7 +40,7 @@ class KVCache:
 
     def update(self, q: Any, k: Any, v: Any, start: int, rope: tuple[np.ndarray, np.ndarray]) -> tuple[Any, Any, Any]:
         """New q [B, Hq, T, D], k/v [B, Hkv, T, D] at times start..start+T-1 (unrotated), rope (cos, sin)
-        -> (rotated q, all keys, all values [B, Hkv, start+T, D]): the rotated k and v are stored
+        -> (rotated q, all keys, all values [B, Hkv, start+T, D]): k (rotated) and v are stored
         (Backend.rope_store_kv, one launch on a device)."""
         stop = start + k.shape[-2]
         if stop > self.k.shape[-2]:

@@ -475,7 +475,7 @@ class Model:
 
         Self-attention over x (RoPE from rope, key mask [B, start+T], causal when asked). With a
         cache (an object with update(q, k, v, start, rope) -> (rotated q, k_all, v_all), see
-        refslm.generate.KVCache) the new keys/values are rotated and stored at times start.. and
+        refslm.generate.KVCache) the new keys (rotated) and values are stored at times start.. and
         attention reads the whole prefix. cross = (k, v, mask) of the encoder output adds
         cross-attention (no RoPE) after self-attention.
         segment_ids [B, start+T] restricts self-attention to tokens of the same segment (packed rows).

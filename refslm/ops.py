@@ -265,12 +265,13 @@ def check_head_dim(head_dim) -> int:
     return int(head_dim)
 
 
-def check_rope(x, cos, sin, layout: str) -> None:
-    """x [B, H, T, D] float with D even, cos/sin [B or 1, T, D] float host arrays, a known layout."""
+def check_rope(x, cos, sin, layout: str, name: str = "rope x") -> None:
+    """x [B, H, T, D] float with D even, cos/sin [B or 1, T, D] float host arrays, a known layout (name: x's
+    name in the messages)."""
     check_layout(layout)
-    check_float("rope x", x)
+    check_float(name, x)
     if len(x.shape) != 4:
-        raise ValueError(f"rope x must have shape [B, H, T, D], got {x.shape}")
+        raise ValueError(f"{name} must have shape [B, H, T, D], got {x.shape}")
     b, _, t, d = x.shape
     check_head_dim(d)
     for name, table in (("rope cos", cos), ("rope sin", sin)):
@@ -426,13 +427,15 @@ def check_write_time(buf, x, start) -> None:
 def check_rope_store_kv(q, k, v, cos, sin, layout: str, cache_k, cache_v, start) -> None:
     """Backend.rope_store_kv: q [B, Hq, T, D] and k, v [B, Hkv, T, D] of one dtype with RoPE tables for them
     (check_rope), k and v fitting the caches cache_k, cache_v [B, Hkv, capacity, D] at start (check_write_time)."""
-    check_rope(q, cos, sin, layout)
-    check_rope(k, cos, sin, layout)
+    check_rope(q, cos, sin, layout, "rope_store_kv q")
+    check_rope(k, cos, sin, layout, "rope_store_kv k")
     check_float("rope_store_kv k", k, like=q)
     check_float("rope_store_kv v", v, like=q)
     if v.shape != k.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"rope_store_kv: need q [B, Hq, T, D] and k, v [B, Hkv, T, D], got {q.shape}, {k.shape}, "
                          f"{v.shape}")
+    if cache_k is cache_v:
+        raise ValueError("rope_store_kv: cache_k and cache_v must be two arrays, got the same one twice")
     check_write_time(cache_k, k, start)
     check_write_time(cache_v, v, start)
 

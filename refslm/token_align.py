@@ -88,7 +88,7 @@ def token_units(offsets: np.ndarray, text_length: int) -> tuple[np.ndarray, np.n
     """
     text_length = check_int("text_length", text_length, 0)
     offsets = np.asarray(offsets)
-    if offsets.size == 0:
+    if offsets.shape in ((0,), (0, 2)):  # no tokens ([] or an empty [0, 2] array)
         return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
     if offsets.ndim != 2 or offsets.shape[1] != 2 or offsets.dtype.kind not in "iu":
         raise ValueError(f"token offsets must be an integer array [n, 2], got {offsets.dtype} {offsets.shape}")
@@ -165,13 +165,18 @@ def align_offsets(
 ) -> OffsetAlignment:
     """Align two tokenizations of `text` (see the module docstring).
 
-    *_offsets [n, 2] character offsets from the tokenizer; *_surfaces: the bytes each token stands
-    for (`token_bytes`), the strings the edit-distance DP compares.
+    text: a non-empty str; *_offsets [n, 2] character offsets from the tokenizer; *_surfaces: the
+    bytes each token stands for (`token_bytes`), the strings the edit-distance DP compares.
     """
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty string, got {text!r}")
     s_unit, s_units = token_units(student_offsets, len(text))
     t_unit, t_units = token_units(teacher_offsets, len(text))
-    if len(student_surfaces) != len(s_unit) or len(teacher_surfaces) != len(t_unit):
-        raise ValueError("need one surface per token on each side")
+    for side, surfaces, count in (("student", student_surfaces, len(s_unit)),
+                                  ("teacher", teacher_surfaces, len(t_unit))):
+        if len(surfaces) != count or not all(isinstance(s, (bytes, bytearray)) for s in surfaces):
+            raise ValueError(f"{side}_surfaces must be {count} bytes strings, one per token, got "
+                             f"{[type(s).__name__ for s in surfaces][:8]} ({len(surfaces)})")
     s_spans, t_spans = s_units[s_unit], t_units[t_unit]
     teacher_index = np.full(len(s_unit), -1, dtype=np.int64)
     kind = ["unaligned"] * len(s_unit)

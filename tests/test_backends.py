@@ -61,7 +61,8 @@ def test_linear_applies_the_activation_then_adds_the_residual(name, rows):
 def test_rope_store_kv_is_rope_then_the_cache_writes(name, layout, per_batch):
     """rope_store_kv (one launch on opencl) = rope(q), and rope(k), v written into the caches at start.., bit
     for bit the backend's separate rope and write_time, on head views of a projection (strided on a device),
-    with GQA (Hq = 4, Hkv = 2); cache times outside the window keep their values."""
+    with GQA (Hq = 4, Hkv = 2); cache times outside the window keep their values; rotated q and k agree
+    with the float64 NumPy reference (ops.apply_rope) within a few ulps of the dtype."""
     be = get_backend(name)
     rng = np.random.default_rng(11)
     b, hq, hkv, t, d, capacity, start = 2, 4, 2, 3, 8, 7, 2
@@ -79,10 +80,15 @@ def test_rope_store_kv_is_rope_then_the_cache_writes(name, layout, per_batch):
         np.testing.assert_array_equal(be.to_numpy(rotated_q), be.to_numpy(be.rope(q, cos, sin, layout)))
         for got, want in zip(fused, separate, strict=True):
             np.testing.assert_array_equal(be.to_numpy(got), be.to_numpy(want))
-        window = be.to_numpy(fused[1])
-        np.testing.assert_array_equal(window[:, :, start:start + t], be.to_numpy(v))
+        keys, values = (be.to_numpy(c) for c in fused)
+        np.testing.assert_array_equal(values[:, :, start:start + t], be.to_numpy(v))
+        rtol = 1e-14 if dtype == "float64" else 1e-6
+        for got, x in ((be.to_numpy(rotated_q), q), (keys[:, :, start:start + t], k)):
+            want = ops.apply_rope(be.to_numpy(x).astype(np.float64), cos, sin, layout)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
         outside = np.r_[0:start, start + t:capacity]
-        np.testing.assert_array_equal(window[:, :, outside], before[:, :, outside])
+        for cache in (keys, values):
+            np.testing.assert_array_equal(cache[:, :, outside], before[:, :, outside])
 
 
 # ---------------------------------------------------------------- bad input: every backend rejects it alike
@@ -104,7 +110,13 @@ class OnDevice:
         method, positions = getattr(self.backend, name), DEVICE_ARGUMENTS[name]
 
         def call(*args, **kwargs):
-            return method(*(self.backend.asarray(a) if i in positions and isinstance(a, np.ndarray) else a
+            uploaded = {}  # one device array per host array (an argument given twice stays one array)
+
+            def device(a):
+                if id(a) not in uploaded:
+                    uploaded[id(a)] = self.backend.asarray(a)
+                return uploaded[id(a)]
+            return method(*(device(a) if i in positions and isinstance(a, np.ndarray) else a
                             for i, a in enumerate(args)), **kwargs)
         return call
 
@@ -129,12 +141,13 @@ def _rope(be, x_shape=(1, 1, 2, 4), layout="rotate_half", dtype=np.float64):
                    layout)
 
 
-def _rope_store_kv(be, k_shape=(2, 1, 2, 4), v_shape=None, v_dtype=np.float64, start=0):
-    q, k = np.ones((2, 2, 2, 4)), np.ones(k_shape)
-    v = np.ones(v_shape or k_shape, v_dtype)
-    cache = np.zeros((2, 1, 5, 4))
+def _rope_store_kv(be, q_shape=(2, 2, 2, 4), k_shape=(2, 1, 2, 4), v_shape=None, k_dtype=np.float64,
+                   v_dtype=np.float64, cache_dtype=np.float64, one_cache=False, start=0):
+    q, k, v = np.ones(q_shape), np.ones(k_shape, k_dtype), np.ones(v_shape or k_shape, v_dtype)
+    cache_k = np.zeros((2, 1, 5, 4), cache_dtype)
+    cache_v = cache_k if one_cache else cache_k.copy()
     tables = np.ones((1, 2, 4))
-    return be.rope_store_kv(q, k, v, tables, tables, "rotate_half", cache, cache.copy(), start)
+    return be.rope_store_kv(q, k, v, tables, tables, "rotate_half", cache_k, cache_v, start)
 
 
 f32, f16, ones = np.float32, np.float16, np.ones
@@ -224,6 +237,14 @@ BAD_INPUT = {  # case: (error, what the message must say, the call)
                               r"\(2, 2, 2, 4\)", lambda be: _rope_store_kv(be, v_shape=(2, 2, 2, 4))),
     "rope_store_kv v dtype": (TypeError, "rope_store_kv v must have the dtype of the other operands",
                               lambda be: _rope_store_kv(be, v_dtype=f32)),
+    "rope_store_kv k dtype": (TypeError, "rope_store_kv k must have the dtype of the other operands",
+                              lambda be: _rope_store_kv(be, k_dtype=f32)),
+    "rope_store_kv cache dtype": (TypeError, "write_time buf must have the dtype of the other operands",
+                                  lambda be: _rope_store_kv(be, cache_dtype=f32)),
+    "rope_store_kv one cache": (ValueError, "cache_k and cache_v must be two arrays, got the same one twice",
+                                lambda be: _rope_store_kv(be, one_cache=True)),
+    "rope_store_kv 3-D q": (ValueError, r"rope_store_kv q must have shape \[B, H, T, D\]",
+                            lambda be: _rope_store_kv(be, q_shape=(2, 2, 4))),
     "rope_store_kv overflow": (ValueError, r"write_time: x \(2, 1, 2, 4\) does not fit buf \(2, 1, 5, 4\) at time 4",
                                lambda be: _rope_store_kv(be, start=4)),
     "time_slice reversed": (ValueError, r"time_slice: need x \[\.\.\., T, D\] and 0 <= start <= stop <= T",

@@ -64,6 +64,18 @@ def test_token_units_refuse_bad_offsets(offsets, message):
         ta.token_units(np.array([[0, 0]]), -1)
 
 
+def test_align_offsets_refuses_bad_text_surfaces_and_empty_shapes():
+    one = np.array([[0, 2]])
+    with pytest.raises(ValueError, match="text must be a non-empty string, got ''"):
+        ta.align_offsets("", np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64), [], [])
+    with pytest.raises(ValueError, match=r"student_surfaces must be 1 bytes strings, one per token, got \['str'\]"):
+        ta.align_offsets("ab", one, one, ["ab"], [b"ab"])
+    with pytest.raises(ValueError, match=r"teacher_surfaces must be 1 bytes strings, one per token, got \[\] \(0\)"):
+        ta.align_offsets("ab", one, one, [b"ab"], [])
+    with pytest.raises(ValueError, match=r"token offsets must be an integer array \[n, 2\], got float64 \(0, 3\)"):
+        ta.token_units(np.zeros((0, 3)), 3)
+
+
 def test_no_tokens_give_no_units_and_no_alignment():
     for empty in ([], np.zeros((0, 2), np.int64)):
         unit_of, spans = ta.token_units(empty, 3)

@@ -50,8 +50,10 @@ __kernel void rmsnorm(const int C, const REAL eps, const int unit_offset, __glob
 }
 
 /* Strided [B, H, T, D] views (d contiguous) as kernel arguments: buffer, offset and strides of b, h, t in
- * elements; AT(p, b, h, t) points at the row [D] of (b, h, t). */
-#define VIEW(p) __global REAL *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+ * elements (VIEW_IN: read only); AT(p, b, h, t) points at the row [D] of (b, h, t). */
+#define VIEW_OF(T, p) __global T *p, const long p##_off, const long p##_sb, const long p##_sh, const long p##_st
+#define VIEW(p) VIEW_OF(REAL, p)
+#define VIEW_IN(p) VIEW_OF(const REAL, p)
 #define AT(p, b, h, t) (p + p##_off + (b) * p##_sb + (long)(h) * p##_sh + (long)(t) * p##_st)
 
 /* Flat index i of a dense [B, H, T, D] array -> (b, h, t, d), and c: the index of its entry in RoPE tables
@@ -86,7 +88,7 @@ inline REAL rope_element(__global const REAL *x_row, const RopeIndex r, const in
 /* out [B, H, T, D] (dense) = rope(x), x a strided view; cos/sin [B or 1, T, D]; layout 0 rotate_half,
  * 1 interleaved. */
 __kernel void rope(const int H, const int T, const int D, const long total, const int cos_per_batch,
-                   const int interleaved, VIEW(x), __global const REAL *cs, __global const REAL *sn,
+                   const int interleaved, VIEW_IN(x), __global const REAL *cs, __global const REAL *sn,
                    __global REAL *out) {
     const long i = get_global_id(0);
     if (i >= total) return;
@@ -99,7 +101,7 @@ __kernel void rope(const int H, const int T, const int D, const long total, cons
  * q_out [B, Hq, T, D] (dense) = rope(q); cache_k[b, h, t] = rope(k); cache_v[b, h, t] = v, where the
  * cache views [B, Hkv, T, D] start at the first written time (the window start.. of the cache). */
 __kernel void rope_store_kv(const int Hq, const int Hkv, const int T, const int D, const long total,
-                            const int cos_per_batch, const int interleaved, VIEW(q), VIEW(k), VIEW(v),
+                            const int cos_per_batch, const int interleaved, VIEW_IN(q), VIEW_IN(k), VIEW_IN(v),
                             __global const REAL *cs, __global const REAL *sn, __global REAL *q_out,
                             VIEW(cache_k), VIEW(cache_v)) {
     const long i = get_global_id(0);
@@ -115,7 +117,9 @@ __kernel void rope_store_kv(const int Hq, const int Hkv, const int T, const int 
         AT(cache_v, b, h - Hq - Hkv, t)[r.d] = AT(v, b, h - Hq - Hkv, t)[r.d];
     }
 }
+#undef VIEW_OF
 #undef VIEW
+#undef VIEW_IN
 #undef AT
 
 /* One work-group per row of x [rows, N]: out = exp(x - max) / sum exp(x - max). */

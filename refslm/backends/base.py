@@ -101,7 +101,8 @@ class Backend:
     def rope_store_kv(self, q: Array, k: Array, v: Array, cos: np.ndarray, sin: np.ndarray, layout: str,
                       cache_k: Array, cache_v: Array, start: int) -> Array:
         """A cached step's RoPE and KV-cache writes: q [B, Hq, T, D] -> rotated q; rope(k) and v [B, Hkv, T, D]
-        are written into cache_k / cache_v [B, Hkv, capacity, D] at times start..start+T-1 (in place).
+        are written into cache_k / cache_v [B, Hkv, capacity, D] (two distinct arrays, as `empty` gives
+        them) at times start..start+T-1 (in place).
 
         Defined by rope and write_time (this default); a device backend fuses it into one launch."""
         ops.check_rope_store_kv(q, k, v, cos, sin, layout, cache_k, cache_v, start)
