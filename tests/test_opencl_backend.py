@@ -127,6 +127,34 @@ def test_rope(b, h, t, d, layout, per_batch, dtype):
     close(OCL.to_numpy(OCL.rope(OCL.asarray(x), cos, sin, layout)), ref, dtype)
 
 
+@FEW
+@given(b=st.integers(1, 3), hkv=st.integers(1, 3), n_rep=st.integers(1, 3), t=st.integers(1, 9),
+       d=st.sampled_from([4, 10, 64]), start=st.integers(0, 20), spare=st.integers(0, 5),
+       layout=st.sampled_from(["rotate_half", "interleaved"]), per_batch=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_rope_store_kv(b, hkv, n_rep, t, d, start, spare, layout, per_batch, dtype):
+    """q, k, v as head views of projections [B, T, H*D] (strided), caches [B, Hkv, start + T + spare, D]: the
+    rotated q, the cache window start.. (rope(k), v) and the untouched rest against the NumPy reference."""
+    rng = np.random.default_rng(b * 1000 + t * 10 + start)
+    hq, capacity = hkv * n_rep, start + t + spare
+    q, k, v = (rand(rng, (b, t, h * d), dtype) for h in (hq, hkv, hkv))
+    before_k, before_v = rand(rng, (b, hkv, capacity, d), dtype), rand(rng, (b, hkv, capacity, d), dtype)
+    positions = rng.integers(0, 100, (b if per_batch else 1, t))
+    cos, sin = ops.rope_cos_sin(positions, d, 10000.0, layout)
+    cache_k, cache_v = OCL.asarray(before_k), OCL.asarray(before_v)
+    heads = [OCL.split_heads(OCL.asarray(x), h) for x, h in ((q, hq), (k, hkv), (v, hkv))]
+    rotated = OCL.to_numpy(OCL.rope_store_kv(*heads, cos, sin, layout, cache_k, cache_v, start))
+    q_ref, k_ref = (ops.apply_rope(ops.split_heads(x.astype(np.float64), h), cos, sin, layout)
+                    for x, h in ((q, hq), (k, hkv)))
+    close(rotated, q_ref, dtype)
+    got_k, got_v = OCL.to_numpy(cache_k), OCL.to_numpy(cache_v)
+    window = slice(start, start + t)
+    close(got_k[:, :, window], k_ref, dtype)
+    np.testing.assert_array_equal(got_v[:, :, window], ops.split_heads(v, hkv))
+    outside = np.r_[0:start, start + t:capacity]
+    np.testing.assert_array_equal(got_k[:, :, outside], before_k[:, :, outside])
+    np.testing.assert_array_equal(got_v[:, :, outside], before_v[:, :, outside])
+
+
 def test_split_merge_heads_roundtrip():
     rng = np.random.default_rng(5)
     x = rand(rng, (2, 7, 24), np.float32)
