@@ -274,11 +274,11 @@ def check_rope(x, cos, sin, layout: str, name: str = "rope x") -> None:
         raise ValueError(f"{name} must have shape [B, H, T, D], got {x.shape}")
     b, _, t, d = x.shape
     check_head_dim(d)
-    for name, table in (("rope cos", cos), ("rope sin", sin)):
+    for label, table in (("rope cos", cos), ("rope sin", sin)):
         if not isinstance(table, np.ndarray):
-            raise TypeError(f"{name} must be a host NumPy array (the tables are computed on the host), "
+            raise TypeError(f"{label} must be a host NumPy array (the tables are computed on the host), "
                             f"got {type(table).__name__}")
-        check_float(name, table)
+        check_float(label, table)
     if cos.shape != sin.shape or cos.ndim != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (t, d):
         raise ValueError(f"rope cos/sin must have shape [1 or {b}, {t}, {d}], got {cos.shape} and {sin.shape}")
 
