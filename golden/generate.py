@@ -269,6 +269,7 @@ def build(case: Case) -> tuple[dict, Tensors]:
         "inputs": list(case.inputs),
         "outputs": list(expected),
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "dtypes": {k: "int64" if v.dtype == torch.int64 else "float64" for k, v in tensors.items()},
         "tolerances": tolerances,
     }
     return entry, {k: v.contiguous() for k, v in tensors.items()}
@@ -335,6 +336,14 @@ def op_cases() -> list[Case]:
                          lambda t: t_linear(t["input.x"], t["input.weight"], t["input.bias"]), op="linear"))
     cases.append(op_case("op_linear_nobias", "x @ W^T without bias", {"input.x": x, "input.weight": w},
                          lambda t: t_linear(t["input.x"], t["input.weight"]), op="linear"))
+    cases.append(op_case("op_linear_gelu_tanh", "the epilogue of Mu's MLP up-projection: gelu_tanh(x @ W^T + b)",
+                         {"input.x": x, "input.weight": w, "input.bias": b},
+                         lambda t: t_activation(t_linear(t["input.x"], t["input.weight"], t["input.bias"]),
+                                                "gelu_tanh"), op="linear", activation="gelu_tanh"))
+    residual = randn(g, 2, 5, 48, scale=10.0)
+    cases.append(op_case("op_linear_residual", "the epilogue of a sub-layer's output projection: residual + x @ W^T "
+                         "(the residual added last)", {"input.x": x, "input.weight": w, "input.residual": residual},
+                         lambda t: t_linear(t["input.x"], t["input.weight"]) + t["input.residual"], op="linear"))
 
     g = generator("embedding")
     ids = randint(g, 0, 50, 3, 7)
@@ -381,6 +390,21 @@ def rope_cases() -> list[Case]:
 
         cases.append(Case(f"op_rope_{name}", "op", description, {"input.x": x, "input.positions": positions},
                           compute, attributes))
+
+    g = generator("rope_longrope")  # Phi-3.5's long factors (one per frequency) and attention factor
+    ext_factors = [1.0 + 0.45 * i for i in range(8)]
+    attention_factor = math.sqrt(1.0 + math.log(64 / 16) / math.log(16))  # block 64 over original 16
+    positions = torch.arange(5, 25)[None]
+
+    def compute_longrope(t):
+        cos, sin = t_rope_cos_sin(t["input.positions"], 16, 10000.0, "rotate_half", 1.0, ext_factors, attention_factor)
+        return {"output.y": t_apply_rope(t["input.x"], cos, sin, "rotate_half"), "output.cos": cos, "output.sin": sin}
+
+    cases.append(Case("op_rope_longrope", "op", "rotate_half, longrope: inv_freq divided by per-frequency factors, "
+                      "cos and sin times the attention factor sqrt(1 + ln 4 / ln 16), positions 5..24",
+                      {"input.x": randn(g, 2, 3, 20, 16), "input.positions": positions}, compute_longrope,
+                      dict(op="rope", layout="rotate_half", theta=10000.0, linear_factor=1.0, seq_len=20,
+                           ext_factors=ext_factors, attention_factor=attention_factor)))
     return cases
 
 

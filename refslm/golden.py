@@ -9,7 +9,7 @@ section 8 is the normative description of the format and of the pass rule
 
 Commands (refslm/cli.py dispatches here):
   refslm verify [--backend B] [--case GLOB] [--dtype D] [--json]   run the cases on refslm's backends
-  refslm verify --outputs DIR [--case GLOB]                        check another implementation's outputs
+  refslm verify --outputs DIR [--case GLOB] [--rtol R --atol A]   check another implementation's outputs
   refslm golden export --format npz|npy DIR                       copy the suite for non-safetensors readers
 """
 
@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class GoldenCase:
     outputs: tuple[str, ...]
     shapes: dict
     tolerances: dict
+    dtypes: dict  # tensor name -> "int64" | "float64" (the stored dtype)
     sha256: Any  # str for a file, {tensor name: str} for an npy export directory
 
     def tolerance(self, output: str, dtype: str) -> tuple[float, float] | None:
@@ -73,8 +75,8 @@ class GoldenCase:
         """The manifest entry of this case, pointing at `file` (relative to the manifest) with `sha256`."""
         return {"name": self.name, "kind": self.kind, "description": self.description, "file": file,
                 "config": self.config, "attributes": self.attributes, "inputs": list(self.inputs),
-                "outputs": list(self.outputs), "shapes": self.shapes, "tolerances": self.tolerances,
-                "sha256": sha256}
+                "outputs": list(self.outputs), "shapes": self.shapes, "dtypes": self.dtypes,
+                "tolerances": self.tolerances, "sha256": sha256}
 
 
 def load_manifest(directory: str | Path | None = None) -> list[GoldenCase]:
@@ -96,7 +98,7 @@ def load_manifest(directory: str | Path | None = None) -> list[GoldenCase]:
                 name=entry["name"], kind=entry["kind"], description=entry["description"], path=root / entry["file"],
                 config=entry.get("config"), attributes=entry.get("attributes", {}),
                 inputs=tuple(entry["inputs"]), outputs=tuple(entry["outputs"]), shapes=entry.get("shapes", {}),
-                tolerances=entry["tolerances"], sha256=entry["sha256"]))
+                dtypes=entry.get("dtypes", {}), tolerances=entry["tolerances"], sha256=entry["sha256"]))
         except KeyError as exc:
             raise GoldenError(f"{path}: case {entry.get('name', '?')!r} lacks field {exc}") from None
     return cases
@@ -132,13 +134,19 @@ def hash_problem(case: GoldenCase) -> str | None:
 
 
 def read_tensor_file(path: Path) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors file, an .npz archive or a directory of .npy files (no pickle)."""
-    if path.is_dir():
-        return {p.name[:-4]: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
-    if path.suffix == ".npz":
+    """Tensors of a .safetensors file, an .npz archive or a directory of .npy files (no pickle); an
+    unreadable file raises an error that names it."""
+    if not path.is_dir() and path.suffix != ".npz":
+        return read_safetensors(path)
+    try:
+        if path.is_dir():
+            return {p.name[:-4]: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not an .npz archive (a zip file of .npy members, as numpy.savez writes)")
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    return read_safetensors(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise GoldenError(f"{path}: {exc}") from exc
 
 
 def load_case(case: GoldenCase) -> dict[str, np.ndarray]:
@@ -206,26 +214,39 @@ def compare(expected: np.ndarray, got: np.ndarray, tolerance: tuple[float, float
     return fields
 
 
+def tolerance_class(case: GoldenCase, got: dict[str, np.ndarray]) -> str:
+    """The compute dtype whose tolerances judge another implementation's outputs of a case: float32 when
+    any of its float outputs is stored in float32 (or narrower), else float64. Values that SPEC defines
+    as float64 whatever the compute dtype (loss values beside a float32 gradient) are judged with the
+    rest of their case."""
+    floats = [v for n, v in got.items() if n in case.outputs and isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+    return "float32" if any(v.dtype.itemsize < 8 for v in floats) else "float64"
+
+
 def check_outputs(case: GoldenCase, tensors: dict[str, np.ndarray], got: dict[str, np.ndarray], backend: str,
-                  dtype: str | None) -> list[Result]:
-    """Compare every manifest output of a case with `got`; dtype None: take it from each float tensor."""
+                  dtype: str, custom: tuple[float, float] | None = None) -> list[Result]:
+    """Compare every manifest output of a case with `got` at the tolerances of compute dtype `dtype`, or at
+    `custom` (rtol, atol) for every float output, which then may be float16 too (a half-precision port)."""
     results = []
+    allowed = (np.float16, np.float32, np.float64) if custom else (np.float32, np.float64)
     for name in case.outputs:
         expected = tensors[name]
-        row = Result(case.name, backend, dtype or "-", name, MISSING)
+        row = Result(case.name, backend, dtype, name, MISSING)
         value = got.get(name)
+        if isinstance(value, np.ndarray) and value.dtype.byteorder not in "=|":
+            value = value.astype(value.dtype.newbyteorder("="))  # big-endian files hold the same numbers
         if value is None:
-            row.message = f"output {name} not produced"
+            row.message = f"output {name} not produced; the file holds {sorted(got)}"
         elif not isinstance(value, np.ndarray) or value.shape != expected.shape:
             shape = getattr(value, "shape", type(value).__name__)
             row.status, row.message = SHAPE, f"shape {shape}, expected {expected.shape}"
         elif (expected.dtype.kind in "iu") != (value.dtype.kind in "iub") or value.dtype.kind not in "iubf" or (
-                value.dtype.kind == "f" and value.dtype not in (np.float32, np.float64)):
-            kind = "integer" if expected.dtype.kind in "iu" else "float32 or float64"
+                value.dtype.kind == "f" and value.dtype not in allowed):
+            kind = "integer" if expected.dtype.kind in "iu" else " or ".join(np.dtype(a).name for a in allowed)
             row.status, row.message = DTYPE, f"dtype {value.dtype}, expected {kind}"
         else:
-            row.dtype = dtype or (str(value.dtype) if value.dtype.kind == "f" else "float64")
-            for key, val in compare(expected, value, case.tolerance(name, row.dtype)).items():
+            tolerance = case.tolerance(name, dtype)
+            for key, val in compare(expected, value, custom if custom and tolerance else tolerance).items():
                 setattr(row, key, val)
         results.append(row)
     return results
@@ -252,8 +273,9 @@ def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> 
     elif op == "gated":
         y = backend.gated(on(t["input.gate"]), on(t["input.up"]), a["kind"])
     elif op == "linear":
-        bias = t.get("input.bias")
-        y = backend.linear(on(t["input.x"]), on(t["input.weight"]), None if bias is None else on(bias))
+        bias, residual = t.get("input.bias"), t.get("input.residual")
+        y = backend.linear(on(t["input.x"]), on(t["input.weight"]), None if bias is None else on(bias),
+                           None if residual is None else on(residual), a.get("activation"))
     elif op == "embedding":
         y = backend.embedding(t["input.ids"], on(t["input.table"]))
     elif op == "rope":
@@ -261,7 +283,8 @@ def _run_op(case: GoldenCase, t: dict[str, np.ndarray], backend, dtype: str) -> 
         theta = a["theta"]
         if "ntk_factor" in a:  # dynamic NTK cases
             theta = ops.rope_theta_for_length(theta, x.shape[-1], a["seq_len"], a["ntk_factor"], a["block_size"])
-        cos, sin = ops.rope_cos_sin(t["input.positions"], x.shape[-1], theta, a["layout"], a["linear_factor"])
+        cos, sin = ops.rope_cos_sin(t["input.positions"], x.shape[-1], theta, a["layout"], a["linear_factor"],
+                                    a.get("ext_factors"), a.get("attention_factor", 1.0))
         y = backend.rope(on(x), cos, sin, a["layout"])
         return {"output.y": backend.to_numpy(y), "output.cos": cos, "output.sin": sin}
     elif op == "attention":
@@ -449,18 +472,25 @@ def verify_backends(cases: list[GoldenCase], backend_names: list[str], dtypes: I
     return results
 
 
+OUTPUT_LAYOUTS = ("{case}.safetensors", "{case}.npz", "{case}/")  # under --outputs DIR; "/": .npy files
+
+
 def find_output_file(directory: Path, case: str) -> Path | None:
-    for suffix in (".safetensors", ".npz"):
-        path = directory / f"{case}{suffix}"
-        if path.is_file():
-            return path
-    return None
+    """The one file (or .npy directory) of a case's outputs; None when there is none; GoldenError for two."""
+    found = [directory / layout.format(case=case) for layout in OUTPUT_LAYOUTS]
+    found = [path for path, layout in zip(found, OUTPUT_LAYOUTS, strict=True)
+             if (path.is_dir() if layout.endswith("/") else path.is_file())]
+    if len(found) > 1:
+        raise GoldenError(f"case {case} has outputs in {len(found)} places: {[str(p) for p in found]}; keep one")
+    return found[0] if found else None
 
 
-def verify_outputs(cases: list[GoldenCase], directory: str | Path, dtype: str | None = None) -> list[Result]:
-    """Check another implementation's outputs: DIR/<case>.safetensors or DIR/<case>.npz per case.
+def verify_outputs(cases: list[GoldenCase], directory: str | Path, dtype: str | None = None,
+                   custom: tuple[float, float] | None = None) -> list[Result]:
+    """Check another implementation's outputs: DIR/<case>.safetensors, DIR/<case>.npz or DIR/<case>/<name>.npy.
 
-    dtype None: the tolerance class of each float tensor is its own dtype (float32 or float64).
+    dtype: the tolerance class (compute dtype) to apply; None: tolerance_class per case. custom:
+    (rtol, atol) for every float output instead of the manifest's (float16 outputs then allowed).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -471,17 +501,18 @@ def verify_outputs(cases: list[GoldenCase], directory: str | Path, dtype: str | 
         if problem is not None:
             results.append(Result(case.name, "outputs", "-", "*", CORRUPT, message=problem))
             continue
-        path = find_output_file(directory, case.name)
-        if path is None:
-            results.append(Result(case.name, "outputs", "-", "*", MISSING,
-                                  message=f"no {case.name}.safetensors or {case.name}.npz in {directory}"))
-            continue
         try:
-            got = read_tensor_file(path)
-        except Exception as exc:  # an unreadable user file is a finding, not a crash
-            results.append(Result(case.name, "outputs", "-", "*", ERROR, message=f"{path}: {exc}"))
+            path = find_output_file(directory, case.name)
+            got = None if path is None else read_tensor_file(path)
+        except Exception as exc:  # an unreadable or ambiguous user file is a finding, not a crash
+            results.append(Result(case.name, "outputs", "-", "*", ERROR, message=str(exc)))
             continue
-        results.extend(check_outputs(case, load_case(case), got, "outputs", dtype))
+        if got is None:
+            places = ", ".join(layout.format(case=case.name) for layout in OUTPUT_LAYOUTS)
+            results.append(Result(case.name, "outputs", "-", "*", MISSING, message=f"none of {places} in {directory}"))
+            continue
+        results.extend(check_outputs(case, load_case(case), got, "outputs", dtype or tolerance_class(case, got),
+                                     custom))
     return results
 
 
@@ -498,7 +529,8 @@ def format_table(results: list[Result]) -> str:
     rows = [header]
     notes: dict[int, str] = {}
     for r in results:
-        tol = "exact" if r.rtol is None and r.status == OK else f"{_fmt(r.rtol)} / {_fmt(r.atol)}"
+        compared = r.max_abs_err is not None
+        tol = "exact" if compared and r.rtol is None else f"{_fmt(r.rtol)} / {_fmt(r.atol)}"
         rows.append((r.case, r.backend, r.dtype, r.output, _fmt(r.max_abs_err), _fmt(r.max_rel_err), tol, r.status))
         if not r.passed:
             note = r.message
@@ -524,7 +556,7 @@ def summary(results: list[Result]) -> dict[str, Any]:
 def summary_line(results: list[Result]) -> str:
     s = summary(results)
     cases = len({r.case for r in results})
-    backends = sorted({r.backend for r in results})
+    backends = sorted({r.backend for r in results} - {"-"})  # "-": a corrupt case, run on no backend
     verdict = "ALL OK" if s["ok"] else ("NOTHING CHECKED" if not results else "NOT OK")
     line = (f"{verdict}: {s['passed']}/{s['checks']} checks passed over {cases} cases on "
             f"{', '.join(backends) or 'no backend'}")
@@ -545,7 +577,20 @@ def export(cases: list[GoldenCase], directory: str | Path, fmt: str) -> Path:
     """
     if fmt not in ("npz", "npy"):
         raise ValueError(f"export format must be 'npz' or 'npy', got {fmt!r}")
+    if not cases:
+        raise GoldenError("no case to export")
     root = Path(directory)
+    sources = {c.path.parent.parent.resolve() for c in cases}  # the suite directory: <suite>/cases/<file>
+    if root.resolve() in sources:
+        raise GoldenError(f"{root} is the suite being exported; export to another directory")
+    previous = root / "manifest.json"
+    if previous.is_file():
+        try:
+            data = read_json_file(previous, GoldenError)
+        except GoldenError:
+            data = None
+        if not isinstance(data, dict) or "exported_as" not in data:
+            raise GoldenError(f"{previous} exists and is not an export's manifest; export to another directory")
     (root / "cases").mkdir(parents=True, exist_ok=True)
     exported = []
     for case in cases:
@@ -580,20 +625,27 @@ def verify_arguments(parser) -> None:
                         help="backend to run (repeatable; default: every installed backend)")
     parser.add_argument("--case", action="append", metavar="GLOB", help="only cases matching the glob (repeatable)")
     parser.add_argument("--dtype", choices=DTYPES, help="only this compute dtype (default: both); with --outputs, "
-                        "the tolerance class to apply (default: each tensor's own dtype)")
+                        "the tolerance class to apply (default: float32 for a case with any float32 output, "
+                        "else float64)")
     parser.add_argument("--outputs", metavar="DIR", help="check another implementation's outputs: "
-                        "DIR/<case>.safetensors or DIR/<case>.npz holding the manifest's output names")
+                        "DIR/<case>.safetensors, DIR/<case>.npz or DIR/<case>/<output name>.npy")
+    parser.add_argument("--rtol", type=float, metavar="R", help="with --outputs and --atol: one tolerance for every "
+                        "float output instead of the manifest's (float16 outputs are then accepted)")
+    parser.add_argument("--atol", type=float, metavar="A", help="with --outputs and --rtol (see --rtol)")
     parser.add_argument("--golden", metavar="DIR", help="golden suite directory (default: the packaged suite)")
     parser.add_argument("--json", action="store_true", help="print results and summary as JSON")
 
 
 def verify_command(args) -> int:
     try:
+        custom = custom_tolerance(args)
         cases = select(load_manifest(args.golden), args.case)
         if not cases:
             raise GoldenError(f"no golden case matches {args.case}")
         if args.outputs:
-            results = verify_outputs(cases, args.outputs, args.dtype)
+            if args.backend:
+                raise GoldenError("--backend runs refslm's backends; with --outputs there is nothing to run")
+            results = verify_outputs(cases, args.outputs, args.dtype, custom)
         else:
             from .backends import available_backends, backend_names
 
@@ -613,19 +665,39 @@ def verify_command(args) -> int:
     return 0 if summary(results)["ok"] else 1
 
 
+def custom_tolerance(args) -> tuple[float, float] | None:
+    """verify's --rtol / --atol -> (rtol, atol), or None when neither is given."""
+    if args.rtol is None and args.atol is None:
+        return None
+    if args.rtol is None or args.atol is None or not args.outputs:
+        raise GoldenError("--rtol and --atol go together, and only with --outputs")
+    if not (0 <= args.rtol < math.inf and 0 <= args.atol < math.inf):
+        raise GoldenError(f"--rtol and --atol must be finite numbers >= 0, got {args.rtol}, {args.atol}")
+    return args.rtol, args.atol
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats -> 'nan', 'inf', '-inf' (JSON has no such numbers), inside dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _json_row(result: Result) -> dict[str, Any]:
-    row = asdict(result)
-    for key in ("max_abs_err", "max_rel_err"):
-        if row[key] is not None and not math.isfinite(row[key]):
-            row[key] = str(row[key])
-    return row
+    return _json_safe(asdict(result))
 
 
 def golden_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="golden_action", metavar="ACTION", required=True)
     p = sub.add_parser("export", help="write the suite as .npz archives or .npy files with a manifest")
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--format", choices=("npz", "npy"), required=True)
+    p.add_argument("directory", metavar="DIR", help="where to write DIR/manifest.json and DIR/cases/ (not the "
+                   "suite itself; an earlier export there is overwritten)")
+    p.add_argument("--format", choices=("npz", "npy"), required=True,
+                   help="npz: DIR/cases/<case>.npz; npy: DIR/cases/<case>/<tensor>.npy")
     p.add_argument("--case", action="append", metavar="GLOB", help="only cases matching the glob (repeatable)")
     p.add_argument("--golden", metavar="DIR", help="golden suite directory (default: the packaged suite)")
 
@@ -633,6 +705,8 @@ def golden_arguments(parser) -> None:
 def golden_command(args) -> int:
     try:
         cases = select(load_manifest(args.golden), args.case)
+        if not cases:
+            raise GoldenError(f"no golden case matches {args.case}")
         root = export(cases, args.directory, args.format)
     except (GoldenError, OSError) as exc:  # OSError: DIR cannot be created or written
         print(f"refslm golden export: error: {exc}", file=sys.stderr)

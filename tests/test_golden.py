@@ -55,6 +55,8 @@ def test_manifest_is_complete_and_files_match_hashes():
         for name, value in tensors.items():
             assert value.dtype in (np.float64, np.int64), (c.name, name, value.dtype)
             assert list(value.shape) == c.shapes[name], (c.name, name)
+            assert value.dtype == c.dtypes[name], (c.name, name)
+        assert set(c.dtypes) == set(tensors) == set(c.shapes), c.name
         for output in c.outputs:
             tol = c.tolerances[output]
             if not tol.get("exact"):
@@ -194,6 +196,83 @@ def test_verify_outputs_reads_safetensors(tmp_path):
     assert main(["verify", "--outputs", str(tmp_path), "--case", "op_embedding"]) == 0
 
 
+
+def test_float64_loss_values_beside_a_float32_gradient_take_the_float32_class(tmp_path):
+    """SPEC: loss values are float64 whatever the compute dtype; a float32 run stores its gradient in float32,
+    and the case is judged at float32 tolerances (at float64 ones the float32 run's values fail)."""
+    c = case("loss_rows_reverse_kl")
+    results = golden.verify_backends([c], ["numpy"], ["float32"])
+    assert all(r.passed for r in results), golden.format_table(results)
+    t = golden.load_case(c)
+    from refslm import losses
+
+    values, grad = losses.loss_rows(c.attributes["kind"], t["input.student"].astype(np.float32),
+                                    t["input.teacher"].astype(np.float32), None, t["input.row_weight"],
+                                    temperature=c.attributes["temperature"], beta=c.attributes["beta"],
+                                    label_smoothing=c.attributes["label_smoothing"])
+    assert values.dtype == np.float64 and grad.dtype == np.float32
+    rows = single_result(tmp_path, c.name, {"output.values": values, "output.grad": grad})
+    assert [(r.status, r.dtype) for r in rows] == [(golden.OK, "float32")] * 2, golden.format_table(rows)
+    rows = golden.verify_outputs([c], tmp_path, "float64")
+    assert rows[0].status == golden.NOT_OK
+
+
+def test_npy_directories_big_endian_and_ambiguous_outputs(tmp_path):
+    y = expected_outputs(case("op_rmsnorm_plain"))["output.y"]
+    folder = tmp_path / "op_rmsnorm_plain"
+    folder.mkdir()
+    np.save(folder / "output.y.npy", y.astype(">f8"))  # the layout a C++ harness writes most easily
+    assert [r.status for r in golden.verify_outputs([case("op_rmsnorm_plain")], tmp_path)] == [golden.OK]
+    np.save(folder / "output.y.npy", y + 1)
+    assert [r.status for r in golden.verify_outputs([case("op_rmsnorm_plain")], tmp_path)] == [golden.NOT_OK]
+    write_outputs(tmp_path, "op_rmsnorm_plain", {"output.y": y})  # and an .npz beside it: which one counts?
+    (r,) = golden.verify_outputs([case("op_rmsnorm_plain")], tmp_path)
+    assert r.status == golden.ERROR and "has outputs in 2 places" in r.message
+
+
+def test_unreadable_and_misnamed_outputs_say_what_is_wrong(tmp_path):
+    (tmp_path / "op_rmsnorm_plain.npz").write_bytes(b"not a zip archive")
+    (r,) = golden.verify_outputs([case("op_rmsnorm_plain")], tmp_path)
+    assert r.status == golden.ERROR and "not an .npz archive" in r.message
+    assert r.message.count("op_rmsnorm_plain.npz") == 1
+    (r,) = single_result(tmp_path, "op_rmsnorm_plain", {"y": np.zeros(3), "output.why": np.zeros(3)})
+    assert r.status == golden.MISSING and "the file holds ['output.why', 'y']" in r.message
+
+
+def test_custom_tolerance_judges_a_half_precision_port(tmp_path, capsys):
+    y = expected_outputs(case("op_rmsnorm_plain"))["output.y"]
+    write_outputs(tmp_path, "op_rmsnorm_plain", {"output.y": y.astype(np.float16)})
+    args = ["verify", "--outputs", str(tmp_path), "--case", "op_rmsnorm_plain"]
+    assert main(args) == 1  # float16 is no compute dtype of the manifest
+    assert "dtype float16, expected float32 or float64" in capsys.readouterr().out
+    assert main([*args, "--rtol", "1e-3", "--atol", "1e-3"]) == 0  # half rounding: 2^-11 relative
+    assert main([*args, "--rtol", "1e-5", "--atol", "1e-5"]) == 1
+    capsys.readouterr()
+    for bad in (["--rtol", "1e-3"], ["--rtol", "-1", "--atol", "0"], ["--backend", "numpy"]):
+        assert main([*args, *bad]) == 2
+    assert main(["verify", "--case", "op_rmsnorm_plain", "--rtol", "1", "--atol", "1"]) == 2
+    assert "only with --outputs" in capsys.readouterr().err
+
+
+def test_json_report_is_strict_json_when_outputs_are_not_finite(tmp_path, capsys):
+    y = expected_outputs(case("op_rmsnorm_plain"))["output.y"].copy()
+    y[0, 0, 0], y[0, 0, 1] = np.nan, np.inf
+    write_outputs(tmp_path, "op_rmsnorm_plain", {"output.y": y})
+    assert main(["verify", "--outputs", str(tmp_path), "--case", "op_rmsnorm_plain", "--json"]) == 1
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    report = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert report["results"][0]["worst"]["got"] == "nan"
+
+
+def test_report_marks_exact_rows_and_names_no_backend_for_corrupt_cases():
+    exact = golden.Result("c", "outputs", "float64", "output.tokens", golden.NOT_OK, max_abs_err=1.0, max_rel_err=1.0)
+    assert "exact" in golden.format_table([exact]).splitlines()[1]
+    corrupt = golden.Result("c", "-", "-", "*", golden.CORRUPT, message="modified")
+    assert golden.summary_line([corrupt]) == ("NOT OK: 0/1 checks passed over 1 cases on no backend; 1 failed in 1 "
+                                              "cases: c")
+
 # ------------------------------------------------------------------ tampering, export, CLI
 
 
@@ -226,11 +305,30 @@ def test_export_round_trip(tmp_path, fmt):
         assert set(copy) == set(original)
         for name, value in original.items():
             assert copy[name].dtype == value.dtype and np.array_equal(copy[name], value)
+        assert c.dtypes == case(c.name).dtypes and c.shapes == case(c.name).shapes
     assert main(["verify", "--golden", str(tmp_path), "--backend", "numpy"]) == 0
 
 
+def test_export_refuses_the_suite_itself_and_an_empty_selection(tmp_path, capsys):
+    suite = tmp_path / "suite"
+    shutil.copytree(golden_dir(), suite)
+    before = (suite / "manifest.json").read_bytes()
+    for target in (suite, suite / "."):  # exporting a selection there would replace the suite's manifest
+        assert main(["golden", "export", "--format", "npz", "--golden", str(suite), "--case", "op_rmsnorm*",
+                     str(target)]) == 2
+        assert "is the suite being exported" in capsys.readouterr().err
+    assert main(["golden", "export", "--format", "npz", "--case", "op_rmsnorm*", str(suite)]) == 2
+    assert "is not an export's manifest" in capsys.readouterr().err  # a copy of a suite, not an export
+    assert (suite / "manifest.json").read_bytes() == before
+    assert main(["golden", "export", "--format", "npz", "--case", "zzz*", str(tmp_path / "e")]) == 2
+    assert "no golden case matches ['zzz*']" in capsys.readouterr().err
+    for fmt in ("npz", "npy"):  # an earlier export is overwritten
+        assert main(["golden", "export", "--format", fmt, "--case", "op_rmsnorm*", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["exported_as"] == "npy"
+
+
 def test_cli_json_and_exit_status(capsys):
-    assert main(["verify", "--backend", "numpy", "--case", "op_linear_*", "--dtype", "float32", "--json"]) == 0
+    assert main(["verify", "--backend", "numpy", "--case", "op_linear_*bias", "--dtype", "float32", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["ok"] and report["summary"]["checks"] == 2
     assert {r["dtype"] for r in report["results"]} == {"float32"}
