@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .models import Model, check_attention_mask, check_ids, leading_pads, rope_length
-from .ops import check_int, check_number, check_real
+from .ops import check_bool, check_int, check_number, check_real
 
 
 class KVCache:
@@ -50,9 +50,19 @@ class KVCache:
         return q, be.time_slice(self.k, 0, stop), be.time_slice(self.v, 0, stop)
 
 
-def check_not_right_padded(ids: np.ndarray, pad_token_id: int | None, eos_token_id: int) -> None:
-    """A decoder-only prompt [B, T] under the pad-id rule must not end with the pad id: its next-token logits
-    would be read at a masked pad. (Not checked when pad is also EOS, as in Phi-3: a real EOS may end it.)"""
+def check_prompt_ends_real(ids: np.ndarray, mask: np.ndarray | None, pad_token_id: int | None,
+                           eos_token_id: int) -> None:
+    """Every row of a decoder-only prompt ids [B, T] must end with a real token: its next-token logits are read
+    there, and at a masked position they would depend on the masked ids. mask: the checked, left-padded
+    attention_mask [B, T] bool, or None for the pad-id rule. With a mask a row ending with a 0 is padding only;
+    under the pad-id rule a row ending with the pad id is right padded or padding only (not checked when pad
+    is also EOS, as in Phi-3: a real EOS may end it). Raises ValueError naming the first such row."""
+    if mask is not None:
+        rows = np.flatnonzero(~mask[:, -1])
+        if rows.size:
+            raise ValueError(f"attention_mask row {rows[0]} ends with a 0 (the row is padding only): a decoder-only "
+                             "prompt needs a real token (1) at its end, where its next-token logits are read")
+        return
     if pad_token_id in (None, eos_token_id):
         return
     rows = np.flatnonzero(ids[:, -1] == pad_token_id)
@@ -68,9 +78,10 @@ class CachedDecoder:
     max_new_tokens: how many `step` calls the caches must hold, an int >= 0 (0: the prefill only).
     decoder_input_ids: encoder-decoder decoder prefix [B, Td] (default one BOS column).
     attention_mask: [B, Te] or [B, T] of 0/1 for input_ids (Hugging Face's): it replaces the pad-id
-    rule; decoder-only prompts must then be left padded (0s, then 1s) and every generated token is
-    attended, whatever its id. After construction `logits` [B, V] holds the logits of the last
-    position; `step` appends one token per row and returns the next ones.
+    rule; decoder-only prompts must then be left padded (0s, then 1s, with a 1 at the end of every row:
+    `check_prompt_ends_real`) and every generated token is attended, whatever its id. After construction
+    `logits` [B, V] holds the logits of the last position; `step` appends one token per row and returns the
+    next ones.
     """
 
     def __init__(self, model: Model, input_ids: Any, max_new_tokens: int, decoder_input_ids: Any = None,
@@ -95,8 +106,7 @@ class CachedDecoder:
                 raise ValueError("decoder-only models take input_ids only, not decoder_input_ids")
             prefix = ids
             mask = check_attention_mask(attention_mask, ids.shape, left_padded=True)
-            if mask is None:
-                check_not_right_padded(ids, cfg.pad_token_id, cfg.eos_token_id)
+            check_prompt_ends_real(ids, mask, cfg.pad_token_id, cfg.eos_token_id)
             self.offset = leading_pads(ids, cfg.pad_token_id, mask)[:, None]
             if mask is not None:
                 self.real = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=bool)
@@ -175,7 +185,8 @@ def sample_tokens(logits: np.ndarray, rng: np.random.Generator | None, *, greedy
     """[B, V] logits -> [B] int64 tokens.
 
     Logits must be finite or -inf with a finite entry per row (`check_logits`), the settings pass
-    `check_sampling`. greedy: argmax (lowest id on ties; rng unused). Otherwise, in float64:
+    `check_sampling`. greedy (True or False, else TypeError): argmax (lowest id on ties; rng unused).
+    Otherwise, in float64:
     z = (logits - row max) / temperature, which cannot overflow to NaN: as temperature -> 0 it
     tends to 0 on the row's maxima and -inf elsewhere, i.e. uniform over the tied maxima (greedy
     when there is one). Tokens sorted by z descending (ties: lower id first); keep the first top_k;
@@ -184,7 +195,7 @@ def sample_tokens(logits: np.ndarray, rng: np.random.Generator | None, *, greedy
     mass exceeds u * (kept mass).
     """
     logits, row_max = check_logits(logits)
-    if greedy:
+    if check_bool("greedy", greedy):
         return np.argmax(logits, axis=-1).astype(np.int64)
     check_sampling(temperature, top_k, top_p)
     if not isinstance(rng, np.random.Generator):
@@ -217,7 +228,7 @@ def generate(model: Model, input_ids: Any, max_new_tokens: int, *, greedy: bool 
     is EOS). None: no stopping (pass model.config.eos_token_id to stop at the model's EOS).
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-    if not greedy:
+    if not check_bool("greedy", greedy):
         check_sampling(temperature, top_k, top_p)
     if eos_token_id is not None:
         eos_token_id = check_int("eos_token_id", eos_token_id, 0, model.config.vocab_size)

@@ -360,17 +360,20 @@ def check_attention_mask(attention_mask: Any, ids_shape: tuple[int, int], name: 
                          left_padded: bool = False) -> np.ndarray | None:
     """attention_mask [B, T] of 0/1 (bool or int; 1 = a real token, 0 = padding) -> bool, or None if None.
 
-    Raises ValueError naming the argument unless its shape is ids_shape and every value is 0 or 1;
-    left_padded also requires each row to be 0s then 1s (what cached generation's positions assume).
+    Raises ValueError naming the argument unless its shape is ids_shape, its dtype bool or integer (a float
+    mask, even of 0.0 / 1.0, is refused by its dtype) and every value 0 or 1; left_padded also requires each
+    row to be 0s then 1s (what cached generation's positions assume).
     """
     if attention_mask is None:
         return None
     mask = np.asarray(attention_mask)
     if mask.shape != tuple(ids_shape):
         raise ValueError(f"{name} must have the ids' shape {tuple(ids_shape)}, got {mask.shape}")
-    if mask.dtype != bool and (mask.dtype.kind not in "iu" or not np.isin(mask, (0, 1)).all()):
-        raise ValueError(f"{name} must hold only 0 and 1 (or bools), got dtype {mask.dtype}"
-                         + (f" with values {np.unique(mask)[:5]}" if mask.dtype.kind in "iuf" else ""))
+    if mask.dtype != bool and mask.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an array of bools or of integers 0 / 1, got dtype {mask.dtype} (the dtype "
+                         "is refused, whatever the values)")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1, got values {np.unique(mask)[:5]}")
     mask = mask.astype(bool)
     if left_padded and (np.diff(mask.astype(np.int8), axis=1) < 0).any():
         raise ValueError(f"{name} must mark left padding for cached generation: in every row 0s, then 1s")
@@ -508,9 +511,8 @@ class Model:
         cfg = self.config
         ids = check_ids("input_ids", input_ids, cfg.vocab_size)
         te = ids.shape[1]
-        if not isinstance(centred_positions, bool):
-            raise TypeError(f"centred_positions must be True or False, got {centred_positions!r}")
-        positions = ops.centred_positions(te) if centred_positions else np.arange(te)
+        centred = ops.check_bool("centred_positions", centred_positions)
+        positions = ops.centred_positions(te) if centred else np.arange(te)
         mask = key_mask(ids, cfg.pad_token_id, check_attention_mask(attention_mask, ids.shape))
         rope = self.rope(positions, te)
         x = self.embed(ids)

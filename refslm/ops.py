@@ -68,6 +68,14 @@ def check_int(name: str, value, low: int | None, high: int | None = None) -> int
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """True or False (Python bools only: a string such as "no", an int or a NumPy bool is no answer) -> value;
+    TypeError naming it otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 # ---------------------------------------------------------------- normalisation and activations
 
 

@@ -120,6 +120,27 @@ def _float32_round_to_odd(x: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
+def storage_max(storage: str) -> float:
+    """The largest finite value of a float storage name of FLOAT_STORAGE ("float16": 65504, "bfloat16":
+    (2 - 2^-7) 2^127 = 3.39e38, "float32": 3.40e38, "float64": 1.80e308)."""
+    if storage == "bfloat16":
+        return float(decode_bfloat16(np.array(0x7F7F, dtype=np.uint16)))
+    return float(np.finfo(storage).max)
+
+
+def rounds_to_inf(array: np.ndarray, storage: str) -> bool:
+    """Whether a finite element of a float array [...] becomes +-inf when stored as storage (a name of
+    FLOAT_STORAGE), rounded to nearest as the writers round. Rounding is monotone, so the largest
+    finite magnitude decides; NaN and +-inf elements are ignored (they are stored as they are)."""
+    peak = np.abs(array).max(initial=0)
+    if not np.isfinite(peak):
+        peak = np.abs(array[np.isfinite(array)]).max(initial=0)
+    peak = np.array([peak], dtype=np.promote_types(array.dtype, np.float32))
+    with np.errstate(over="ignore"):  # the overflow is the answer
+        stored = decode_bfloat16(encode_bfloat16(peak)) if storage == "bfloat16" else peak.astype(storage)
+    return bool(np.isinf(stored[0]))
+
+
 # ---------------------------------------------------------------- header
 
 

@@ -31,6 +31,8 @@ from .safetensors_io import (
     read_header,
     read_json_file,
     read_safetensors,
+    rounds_to_inf,
+    storage_max,
     write_safetensors,
 )
 
@@ -204,7 +206,7 @@ def config_to_hf(config: DecoderOnlyConfig, storage: str) -> dict[str, Any]:
     """DecoderOnlyConfig(layout 'llama' | 'phi3') -> a Hugging Face config.json dict.
 
     RoPE is written in both the transformers-4 and -5 forms. Raises CheckpointError for settings
-    the Hugging Face classes cannot express (their numbers would silently differ).
+    the Hugging Face classes cannot express (their numbers would silently differ) or refuse to load.
     """
     problems = []
     if not config.is_interleaved:
@@ -215,6 +217,9 @@ def config_to_hf(config: DecoderOnlyConfig, storage: str) -> dict[str, Any]:
         problems.append("attention_bias / mlp_bias (Phi-3 has no biases)")
     if config.layout == "phi3" and config.resolved_head_dim * config.n_head != config.n_embd:
         problems.append(f"head_dim={config.resolved_head_dim} != n_embd / n_head (Phi-3 derives it)")
+    if config.layout == "llama" and config.n_embd % config.n_head:
+        problems.append(f"n_embd={config.n_embd} not a multiple of n_head={config.n_head} (transformers' LlamaConfig "
+                        "refuses hidden_size % num_attention_heads != 0, even with head_dim given)")
     if problems:
         raise CheckpointError(f"cannot save as Hugging Face {config.layout}: " + "; ".join(problems))
     scaling = hf_rope_scaling(config)
@@ -350,13 +355,25 @@ def _naming(config: Config) -> tuple[str, str]:
     return "transformer.", "transformer.wte.weight"
 
 
+def hf_buffer_names(config: Config) -> set[str]:
+    """The non-parameter buffers a Hugging Face checkpoint of config may hold, ignored on loading: the RoPE
+    `model.layers.{i}.self_attn.rotary_emb.inv_freq` of each block i < n_layer, which transformers < 4.31
+    saved with the weights. Empty for the Mu layouts."""
+    if not isinstance(config, DecoderOnlyConfig) or config.layout == "mu":
+        return set()
+    return {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(config.n_layer)}
+
+
 def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Checkpoint tensors -> the model's canonical parameters.
 
     A tied head (Mu encoder-decoder, or tie_word_embeddings) may be stored as lm_head.weight too; it
-    must then equal the embedding exactly and is dropped. Raises CheckpointError when the names
-    belong to another layout or the block counts contradict the config.
+    must then equal the embedding exactly and is dropped; so are the known buffers of `hf_buffer_names`
+    (any other name is left for from_params to refuse as unexpected). Raises CheckpointError when the
+    names belong to another layout or the block counts contradict the config.
     """
+    buffers = hf_buffer_names(config)
+    tensors = {n: t for n, t in tensors.items() if n not in buffers}
     prefix, embed_name = _naming(config)
     if tensors and not any(n.startswith(prefix) for n in tensors):
         layout = getattr(config, "layout", "mu")
@@ -372,6 +389,16 @@ def canonical_params(config: Config, tensors: dict[str, np.ndarray]) -> dict[str
                                   "values (or shape); store it once, or set tie_word_embeddings=false")
         tensors = {n: t for n, t in tensors.items() if n != TIED_HEAD}
     return tensors
+
+
+def check_storable(params: dict[str, np.ndarray], storage: str) -> None:
+    """Raise CheckpointError naming the first parameter (float arrays [...]) with a value that would be stored
+    as +-inf in storage (a name of FLOAT_STORAGE): load refuses such a file."""
+    for name, array in params.items():
+        if rounds_to_inf(array, storage):
+            raise CheckpointError(f"cannot save parameter {name} as {storage}: its largest magnitude "
+                                  f"{np.max(np.abs(array)):.6g} rounds to inf there (the largest finite {storage} "
+                                  f"is {storage_max(storage):.6g}); save with a wider storage")
 
 
 # ---------------------------------------------------------------- public entry points
@@ -402,9 +429,10 @@ def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None
     """Write model as config.json + model.safetensors into directory (created if needed).
 
     storage: tensor dtype in the file, "float64" | "float32" | "float16" | "bfloat16" (default: the
-    model's dtype), rounded to nearest even. Mu models keep the Mu naming and config fields; Llama /
-    Phi-3 layouts get Hugging Face names and config.json, loadable by transformers. A tied head is
-    stored once (as the embedding).
+    model's dtype), rounded to nearest even; a parameter with a value that would round to inf there is a
+    CheckpointError naming it, raised before anything is written. Mu models keep the Mu naming and config
+    fields; Llama / Phi-3 layouts get Hugging Face names and config.json, loadable by transformers (settings
+    it cannot express or load are a CheckpointError). A tied head is stored once (as the embedding).
     """
     if not isinstance(model, Model):
         raise TypeError(f"save needs a refslm Model (refslm.init / refslm.load), got {type(model).__name__}")
@@ -414,6 +442,8 @@ def save(model: Any, directory: str | os.PathLike, *, storage: str | None = None
     if not isinstance(storage, str) or storage not in FLOAT_STORAGE:
         raise ValueError(f"storage must be one of {sorted(FLOAT_STORAGE)}, got {storage!r}")
     config_data = config_to_dict(model.config, storage)
+    if storage_max(storage) < storage_max(model.dtype):
+        check_storable(model.params, storage)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / WEIGHTS_FILE, model.params, metadata={"format": "pt"}, storage=storage)

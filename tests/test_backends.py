@@ -1,6 +1,7 @@
 """Backend registry: names, clean unavailability, and (in CI) that the required backends really run."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +23,34 @@ def test_missing_package_is_backend_unavailable(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "fake", ("refslm.backends.no_such_module", "X"))
     with pytest.raises(BackendUnavailable, match="'fake' is not available"):
         get_backend("fake")
+
+
+def hide_package(monkeypatch, package: str, backend: str) -> None:
+    """Make `package` (numba, pyopencl) look uninstalled and the backend module `backend` not yet imported."""
+    import refslm.backends as registry
+
+    module = f"refslm.backends.{backend}_backend"
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.delattr(registry, f"{backend}_backend", raising=False)
+    monkeypatch.delitem(registry._INSTANCES, backend, raising=False)
+
+
+def test_missing_numba_names_the_extra_to_install(monkeypatch):
+    """The opencl backend named `pip install 'refslm[opencl]'`; a missing numba gave only the ImportError."""
+    hide_package(monkeypatch, "numba", "numba")
+    with pytest.raises(BackendUnavailable, match="backend 'numba' is not available: numba is not installed .*; "
+                                                 "install the extra: pip install 'refslm\\[numba\\]'"):
+        get_backend("numba")
+    assert "numba" not in available_backends()
+
+
+def test_devices_without_pyopencl_says_so_and_fails(monkeypatch, capsys):
+    from refslm.cli import main
+
+    hide_package(monkeypatch, "pyopencl", "opencl")
+    assert main(["devices"]) == 1
+    assert "OpenCL unavailable: pyopencl is not installed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", os.environ.get("REFSLM_REQUIRE_BACKENDS", "numpy").split())

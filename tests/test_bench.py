@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from test_backends import hide_package
 
 from refslm.backends import available_backends
 from refslm.bench import peak_extra_bytes, time_call
@@ -44,6 +45,25 @@ def test_bench_suite_runs_and_reports_each_backend(argv, row, capsys):
     out = capsys.readouterr().out
     for name in BACKENDS:
         assert re.search(row.format(name=name), out, re.MULTILINE), f"bench {argv[0]} printed no row for {name}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["loss", "--rows", "16", "--vocab", "40", "--repeat", "1", "--no-torch", "--backend", "numba"],
+    ["attention", "--tokens", "24", "--heads", "2", "--head-dim", "8", "--repeat", "1", "--backend", "numba"],
+    ["gemm", "--sizes", "32", "--gemv", "64,32", "--repeat", "1", "--backend", "numba"],
+    ["model", "--preset", "tiny", "--input-len", "8", "--new-tokens", "2", "--repeat", "1", "--backend", "numpy",
+     "numba"],
+    ["paper", "--quick", "--backend", "numba"],
+])
+def test_bench_requested_backend_that_cannot_run_is_an_error(argv, monkeypatch, capsys):
+    """gemm and attention printed "skipped" and an empty table and exited 0, model exited 0 beside numpy (1
+    alone), loss raised a traceback, paper exited 0: now each says why and exits 2, as `refslm verify` does."""
+    hide_package(monkeypatch, "numba", "numba")
+    assert main(["bench", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert "random weights built" not in out and "median" not in out  # refused before any model or timing
+    assert f"refslm bench {argv[0]}: error: backend 'numba' is not available" in err
+    assert "pip install 'refslm[numba]'" in err
 
 
 def test_bench_unknown_suite_is_an_argparse_error(capsys):

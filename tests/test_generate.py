@@ -2,6 +2,7 @@
 the support, EOS finishes rows."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -310,7 +311,8 @@ def test_encoder_attention_mask_equals_the_pad_rule_and_overrides_it():
 @pytest.mark.parametrize("mask,message", [
     (np.ones((2, 5), int), r"attention_mask must have the ids' shape \(2, 6\), got \(2, 5\)"),
     (np.full((2, 6), 2), "attention_mask must hold only 0 and 1"),
-    (np.full((2, 6), 0.5), "attention_mask must hold only 0 and 1"),
+    (np.full((2, 6), 0.5), "attention_mask must be an array of bools or of integers 0 / 1, got dtype float64"),
+    (np.ones((2, 6)), "attention_mask must be an array of bools or of integers 0 / 1, got dtype float64"),
     (np.array([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), "must mark left padding for cached generation"),
 ])
 def test_bad_attention_mask(mask, message):
@@ -328,6 +330,44 @@ def test_right_padded_decoder_only_prompt_is_refused():
         model.generate(np.array([[5, 6, 0, 0]]), 2, greedy=True)
     marked = model.generate(np.array([[5, 6, 0]]), 2, greedy=True, attention_mask=np.array([[1, 1, 1]]))
     assert marked.shape == (1, 2)  # with a mask saying so, a final id 0 is a real token
+
+
+def test_decoder_only_prompt_row_of_padding_only_under_an_attention_mask_is_refused():
+    """An all-0 mask row was accepted and its next-token logits depended on the masked filler ids (0.38 apart
+    for two fillers); without a mask the same padding-only row already was a ValueError."""
+    model = models.init(CONFIGS["mu"], seed=0, dtype="float64")
+    prompt = np.array([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    message = r"attention_mask row 1 ends with a 0 \(the row is padding only\)"
+    with pytest.raises(ValueError, match=message):
+        generate.CachedDecoder(model, prompt, 2, attention_mask=mask)
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompt, 2, greedy=True, attention_mask=mask.astype(bool))
+    with pytest.raises(ValueError, match="input_ids row 1 ends with the pad id 0"):  # the pad-id rule's twin
+        model.generate(np.array([[5, 6, 7, 8, 9], [0, 0, 0, 0, 0]]), 2, greedy=True)
+    assert model.logits(prompt, attention_mask=mask).shape == (2, 5, 512)  # uncached logits: every row defined (2.6)
+
+
+def test_encoder_row_of_padding_only_is_defined():
+    """An all-masked encoder row is SPEC 2.6's fully masked attention (the decoder still has its BOS to read
+    logits at): generation accepts it, with a mask as with the pad-id rule, and the other rows are unchanged."""
+    model = models.init(CONFIGS["encoder_decoder"], seed=0, dtype="float64")
+    padding_only = np.array([[5, 6, 7, 8, 9], [0, 0, 0, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    with_mask = model.generate(padding_only, 3, greedy=True, attention_mask=mask)
+    np.testing.assert_array_equal(with_mask, model.generate(padding_only, 3, greedy=True))
+    np.testing.assert_array_equal(with_mask[:1], model.generate(padding_only[:1], 3, greedy=True))
+
+
+@pytest.mark.parametrize("greedy", ["no", "False", 0, 1, None, np.True_])
+def test_greedy_must_be_true_or_false(greedy):
+    """greedy="no" was truthy and ran greedy decoding."""
+    model = models.init(CONFIGS["mu"])
+    message = f"greedy must be True or False, got {greedy!r}"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        model.generate(PROMPT, 2, greedy=greedy)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        generate.sample_tokens(np.zeros((2, 4)), np.random.default_rng(0), greedy=greedy)
 
 
 @pytest.mark.parametrize("logits", [np.zeros(5), np.zeros((2, 0)), np.array([["a", "b"]]), np.zeros((1, 2, 3))])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -302,9 +303,80 @@ def test_save_rejects_what_hugging_face_cannot_express(tmp_path):
     phi3 = models.init(tiny_decoder_only(layout="phi3", **{**HF_FORM, "head_dim": 12}))
     with pytest.raises(CheckpointError, match="head_dim=12 != n_embd / n_head"):
         save(phi3, tmp_path)
+    llama = models.init(tiny_decoder_only(layout="llama"))  # n_embd 64, 6 heads of 8: transformers cannot load it
+    message = "cannot save as Hugging Face llama: n_embd=64 not a multiple of n_head=6"
+    with pytest.raises(CheckpointError, match=message):
+        save(llama, tmp_path / "llama")
+    assert not (tmp_path / "llama").exists()
     for storage in ("int8", "", ["float16"]):  # "" is no "use the model's dtype" (None is)
         with pytest.raises(ValueError, match=r"storage must be one of \['bfloat16', 'float16', 'float32', 'float64'\]"):
             save(phi3, tmp_path, storage=storage)
+
+
+def test_transformers_refuses_the_llama_shapes_save_refuses():
+    """The rule save applies is the installed transformers' own: LlamaConfig wants hidden_size % heads == 0, even
+    with head_dim given (a saved tiny Llama with 6 heads of 8 at width 64 failed in from_pretrained)."""
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(Exception, match=r"hidden size \(64\) is not a multiple of the number of attention heads \(6\)"):
+        transformers.LlamaConfig(hidden_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=12)  # HF_FORM
+
+
+@pytest.mark.parametrize("dtype,storage,value", [
+    ("float32", "float16", 7e4), ("float64", "float16", -65520.0), ("float64", "bfloat16", 3.4e38),
+    ("float32", "bfloat16", 3.4e38), ("float64", "float32", 1e39),
+])
+def test_save_refuses_values_the_storage_rounds_to_inf(tmp_path, dtype, storage, value):
+    """save wrote inf (with only NumPy's RuntimeWarning) and load then refused the file."""
+    model = models.init(tiny_decoder_only(), seed=3, dtype=dtype)
+    model.params["transformer.h.1.mlp.fc1.weight"][3, 4] = value
+    message = (f"cannot save parameter transformer.h.1.mlp.fc1.weight as {storage}: its largest magnitude "
+               f"{abs(value):.6g} rounds to inf there (the largest finite {storage} is {sio.storage_max(storage):.6g})")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        save(model, tmp_path / "out", storage=storage)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("storage,value", [("float16", 65519.0), ("float16", -65504.0), ("bfloat16", 3.3e38)])
+def test_save_keeps_values_that_round_to_the_largest_finite(tmp_path, storage, value):
+    model = models.init(tiny_decoder_only(), seed=3, dtype="float64")
+    model.params["transformer.ln_f.weight"][5] = value
+    save(model, tmp_path, storage=storage)
+    loaded = refslm.load(tmp_path, dtype="float64").params["transformer.ln_f.weight"][5]
+    assert loaded == stored(np.array([value]), storage)[0] and np.isfinite(loaded)
+
+
+INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+
+
+@pytest.mark.parametrize("layout", ["llama-untied", "phi3"])
+def test_old_transformers_rotary_buffers_are_ignored(tmp_path, originals, layout):
+    """transformers < 4.31 saved each layer's RoPE inv_freq buffer: such checkpoints were refused as unexpected."""
+    model = originals[layout]
+    save(model, tmp_path)
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, 12, 2, dtype=np.float32) / 12)
+    _rewrite(tmp_path, lambda t: t.update({INV_FREQ.format(i): inv_freq.copy() for i in range(2)}))
+    np.testing.assert_array_equal(logits(refslm.load(tmp_path, dtype="float64")), logits(model))
+
+
+@pytest.mark.parametrize("layout,extra", [
+    ("llama-untied", "model.rotary_emb.inv_freq"),
+    ("llama-untied", "model.layers.0.self_attn.rotary_emb.cos_cached"),
+    ("llama-untied", "model.layers.0.self_attn.inv_freq"),
+    ("mu-decoder-only", "transformer.h.0.causal_attn.rotary_emb.inv_freq"),
+])
+def test_other_extra_tensors_are_still_unexpected(tmp_path, originals, layout, extra):
+    save(originals[layout], tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({extra: np.ones(6, np.float32)}))
+    with pytest.raises(CheckpointError, match=f"unexpected \\(1\\): {extra}"):
+        refslm.load(tmp_path)
+
+
+def test_rotary_buffer_of_a_block_the_config_lacks_is_refused(tmp_path, originals):
+    save(originals["llama-untied"], tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({INV_FREQ.format(2): np.ones(6, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"n_layer=2 but the weights hold model.layers.N blocks N = \[0, 1, 2\]"):
+        refslm.load(tmp_path)
 
 
 # ---------------------------------------------------------------- config.json value types

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 
-import numba
 import numpy as np
+
+try:
+    import numba
+except ImportError as exc:  # the registry turns this into BackendUnavailable
+    raise ImportError(f"numba is not installed ({exc}); install the extra: pip install 'refslm[numba]'") from exc
 
 from .. import losses, ops
 from .numba_attention import attention_kernel, attention_rows_kernel

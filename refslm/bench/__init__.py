@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -104,23 +105,19 @@ def add_backend_argument(parser) -> None:
 
 
 def selected_backends(args) -> list[str]:
-    """The --backend names in order without repeats, or every installed backend when none was given."""
-    from ..backends import available_backends
+    """The --backend names in order without repeats, or every installed backend when none was given.
 
-    return list(dict.fromkeys(args.backend)) if args.backend else available_backends()
+    A named backend that cannot run here (package missing, no device) raises BackendUnavailable, which
+    `bench_command` reports as an error: a requested backend is never skipped in silence.
+    """
+    from ..backends import available_backends, get_backend
 
-
-def usable_backends(names: list[str]) -> list:
-    """Backend instances for names, in order; one that cannot run here is reported and skipped."""
-    from ..backends import BackendUnavailable, get_backend
-
-    usable = []
+    if not args.backend:
+        return available_backends()
+    names = list(dict.fromkeys(args.backend))
     for name in names:
-        try:
-            usable.append(get_backend(name))
-        except BackendUnavailable as exc:
-            print(f"{name}: skipped ({exc})")
-    return usable
+        get_backend(name)
+    return names
 
 
 def bench_arguments(parser) -> None:
@@ -130,4 +127,12 @@ def bench_arguments(parser) -> None:
 
 
 def bench_command(args) -> int:
-    return int(importlib.import_module(f"refslm.bench.{args.suite}").run(args) or 0)
+    """Run the suite; -> its exit status, or 2 with the reason on stderr when a backend it needs cannot run
+    here (as `refslm verify` does)."""
+    from ..backends import BackendUnavailable
+
+    try:
+        return int(importlib.import_module(f"refslm.bench.{args.suite}").run(args) or 0)
+    except BackendUnavailable as exc:
+        print(f"refslm bench {args.suite}: error: {exc}", file=sys.stderr)
+        return 2

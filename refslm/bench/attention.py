@@ -13,15 +13,8 @@ import os
 
 import numpy as np
 
-from . import (
-    add_backend_argument,
-    gemm_gflops,
-    peak_extra_bytes,
-    positive_int,
-    selected_backends,
-    time_call,
-    usable_backends,
-)
+from ..backends import get_backend
+from . import add_backend_argument, gemm_gflops, peak_extra_bytes, positive_int, selected_backends, time_call
 
 
 def arguments(parser) -> None:
@@ -46,7 +39,7 @@ def run(args) -> int:
     rng = np.random.default_rng(0)
     shape = (1, args.heads, args.tokens, args.head_dim)
     q, k, v = (rng.standard_normal(shape).astype(args.dtype) for _ in range(3))
-    backends = usable_backends(["numpy"] + [n for n in selected_backends(args) if n != "numpy"])
+    backends = [get_backend(n) for n in ["numpy"] + [n for n in selected_backends(args) if n != "numpy"]]
     print(f"attention {shape} {args.dtype}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
           f"[T, T] scores = {args.heads * args.tokens ** 2 * np.dtype(args.dtype).itemsize / 2**20:.0f} MiB")
     print(f"{'case':<15}{'backend':<9}{'median s':>10}{'peak extra MiB':>16}{'vs numpy':>10}{'GFLOP/s':>9}")

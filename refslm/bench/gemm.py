@@ -13,14 +13,8 @@ import argparse
 
 import numpy as np
 
-from . import (
-    add_backend_argument,
-    positive_int,
-    positive_ints,
-    selected_backends,
-    time_call,
-    usable_backends,
-)
+from ..backends import get_backend
+from . import add_backend_argument, positive_int, positive_ints, selected_backends, time_call
 
 
 def gemv_shape(text: str) -> list[int]:
@@ -45,7 +39,7 @@ def arguments(parser) -> None:
 def _runners(names: list[str], tiles: list[str]):
     """-> [(label, backend, finish)]; finish() waits for the backend's queued work."""
     runners = []
-    for backend in usable_backends(names):
+    for backend in map(get_backend, names):
         if backend.name != "opencl":
             runners.append((backend.name, backend, lambda: None))
             continue

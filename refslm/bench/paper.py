@@ -132,30 +132,28 @@ def _warm_up(model: Any) -> None:
 def measure(sizes: list[str], lengths: list[int], new_tokens: int, repeat: int, backends: list[str],
             dtype: str = "float32", batch: int = 1, seed: int = 0, log=print) -> dict[str, Any]:
     """Run the sweep; -> {'meta': ..., 'rows': [one dict per size x backend x length]}."""
-    rows, size_meta, skipped = [], {}, {}
+    rows, size_meta = [], {}
     for size in sizes:
         configs = {"ed": SIZES[size]()}
         configs["do"] = matched_decoder_only(configs["ed"])
         size_meta[size] = {kind: {"config": cfg.to_dict(), "params": flops.param_counts(cfg)}
                            for kind, cfg in configs.items()}
-        rows += _measure_size(size, configs, lengths, new_tokens, repeat, backends, dtype, batch, seed, log, skipped)
+        rows += _measure_size(size, configs, lengths, new_tokens, repeat, backends, dtype, batch, seed, log)
     meta = {"argv": sys.argv[1:], "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "backends": backends, "dtype": dtype,
             "batch": batch, "repeat": repeat, "new_tokens": new_tokens, "lengths": lengths, "sizes": size_meta,
-            "paper": PAPER, "skipped_backends": skipped,
+            "paper": PAPER,
             "memory_note": "peak_extra_bytes: tracemalloc peak of one generate on the NumPy backend; "
                            "memory_bytes = weights + peak_extra_bytes"}
     return {"meta": meta, "rows": rows}
 
 
 def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_tokens: int, repeat: int,
-                  backends: list[str], dtype: str, batch: int, seed: int, log,
-                  skipped: dict[str, str]) -> list[dict[str, Any]]:
+                  backends: list[str], dtype: str, batch: int, seed: int, log) -> list[dict[str, Any]]:
     """Memory and FLOPs once per length (NumPy), then the timings per backend and length.
 
-    A backend that fails to build or warm up (BackendUnavailable) is left out and noted in skipped.
+    A backend that fails to build or warm up raises BackendUnavailable (`refslm bench` reports it, exit 2).
     """
-    from ..backends import BackendUnavailable
     from ..models import from_params, init
 
     host = {kind: init(cfg, seed=seed, dtype=dtype) for kind, cfg in configs.items()}
@@ -166,15 +164,10 @@ def _measure_size(size: str, configs: dict[str, Any], lengths: list[int], new_to
         log(f"  {size} L={length}: memory and FLOP counts done (NumPy, tracemalloc)")
     rows = []
     for backend in backends:
-        try:
-            models = {kind: from_params(configs[kind], host[kind].params, dtype=dtype, backend=backend)
-                      for kind in configs}
-            for model in models.values():
-                _warm_up(model)
-        except BackendUnavailable as exc:
-            skipped[backend] = str(exc).splitlines()[0]
-            log(f"  skipped backend {backend}: {skipped[backend]}")
-            continue
+        models = {kind: from_params(configs[kind], host[kind].params, dtype=dtype, backend=backend)
+                  for kind in configs}
+        for model in models.values():
+            _warm_up(model)
         for length in lengths:
             timed = _time_pair(models, inputs[length], new_tokens, repeat)
             result = {kind: {**timed[kind], **static[length][kind]} for kind in configs}
