@@ -539,8 +539,9 @@ def evaluate(plan: LossPlan, student, *, backend="numpy", chunk_size=None, grad_
     """Value and gradient of a plan: direct (backend kernel), streaming (chunk_size) or fused (LinearHead).
 
     student: logits [N, V] | [B, T, V], or a LinearHead. Returns (value, grad): value a float64
-    scalar, or [N] | [B, T] float64 for reduction "none"; grad like student (written into grad_out
-    when given), or (grad_hidden, grad_weight) for a LinearHead.
+    scalar, or [N] | [B, T] float64 for reduction "none"; grad of student's shape and dtype, C-contiguous
+    whatever student's layout (written into grad_out when given), or (grad_hidden, grad_weight) for a
+    LinearHead.
     """
     from .backends import get_backend
 
@@ -567,8 +568,10 @@ def evaluate(plan: LossPlan, student, *, backend="numpy", chunk_size=None, grad_
 
 
 def _grad_buffer(student: np.ndarray, grad_out: np.ndarray | None) -> np.ndarray:
+    """The gradient array of evaluate: grad_out, or a new C-contiguous array like student whatever student's
+    layout (its [N, V] view is written in place by the kernels)."""
     if grad_out is None:
-        return np.empty_like(student)
+        return np.empty(student.shape, student.dtype)
     if (not isinstance(grad_out, np.ndarray) or grad_out.shape != student.shape or grad_out.dtype != student.dtype
             or not grad_out.flags.c_contiguous):
         raise ValueError(f"grad_out must be a C-contiguous ndarray of shape {student.shape} and dtype {student.dtype}")

@@ -626,3 +626,35 @@ def test_grad_out_must_be_c_contiguous():
     strided = np.empty((6, 4)).T  # the right shape and dtype, Fortran order
     with pytest.raises(ValueError, match=r"grad_out must be a C-contiguous ndarray of shape \(4, 6\)"):
         losses.reverse_kl(s, t, grad_out=strided)
+
+
+LAYOUTS = {  # a [B, T, V] = [2, 3, 5] student in memory orders other than C
+    "seq-first": lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2),
+    "fortran": np.asfortranarray,
+    "reversed vocab": lambda x: np.ascontiguousarray(x[..., ::-1])[..., ::-1],
+    "sliced": lambda x: np.concatenate([x, x], axis=-1)[..., :5],
+}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_any_student_layout_gives_the_gradient_of_its_contiguous_copy(backend, layout):
+    """The gradient is a C-contiguous array whatever the student's layout, with the values of the contiguous
+    student's (before: an uninitialised array when reshaping the gradient to [N, V] had to copy)."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    dtype = np.float32 if backend == "opencl" else np.float64
+    s, t = logits(61, (2, 3, 5), dtype=dtype), logits(62, (2, 3, 5), dtype=dtype)
+    targets = np.array([[1, 2, 0], [4, 3, 2]])
+    strided = LAYOUTS[layout](s)
+    assert not strided.flags.c_contiguous and np.array_equal(strided, s)
+    calls = [lambda x, **o: losses.reverse_kl(x, t, **o), lambda x, **o: losses.cross_entropy(x, targets, **o),
+             lambda x, **o: losses.kd_loss(x, t, targets, **o)]
+    forms = [{}] + ([{"chunk_size": (2, 3)}] if backend == "numpy" else [])
+    for call in calls:
+        for form in forms:
+            value, grad = call(strided, backend=backend, **form)
+            want_value, want_grad = call(s, backend=backend, **form)
+            assert grad.flags.c_contiguous and grad.shape == s.shape
+            np.testing.assert_array_equal(grad, want_grad)
+            assert value == want_value
