@@ -658,3 +658,20 @@ def test_any_student_layout_gives_the_gradient_of_its_contiguous_copy(backend, l
             assert grad.flags.c_contiguous and grad.shape == s.shape
             np.testing.assert_array_equal(grad, want_grad)
             assert value == want_value
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
+def test_cross_entropy_ignores_a_teacher_on_every_backend(backend):
+    """loss_rows('cross_entropy', ...) reads targets, not the teacher: given one, every backend returns what it
+    returns without (numba once checked its never-computed teacher logsumexp, uninitialised memory)."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    be = get_backend(backend)
+    s, t = logits(63, (64, 7), dtype=np.float32), logits(64, (64, 7), dtype=np.float32)
+    targets, weight = np.arange(64) % 7, np.ones(64)
+    options = dict(temperature=1.0, beta=0.0, label_smoothing=0.1)
+    for _ in range(3):  # fresh, uninitialised scratch each call
+        with_teacher = be.loss_rows("cross_entropy", be.asarray(s), be.asarray(t), targets, weight, **options)
+        without = be.loss_rows("cross_entropy", be.asarray(s), None, targets, weight, **options)
+        np.testing.assert_array_equal(with_teacher[0], without[0])
+        np.testing.assert_array_equal(be.to_numpy(with_teacher[1]), be.to_numpy(without[1]))
