@@ -1,9 +1,10 @@
 /* Fused per-row loss value + gradient: the exact formulas of refslm.losses.loss_rows (its docstring
  * is normative). One work-group (power-of-two size) per row of student [N, V]:
- *   pass 1: logsumexp of z = student / T (and u = teacher / T), sums in ACC;
+ *   pass 1: the log normaliser (shift + log sum) of z = student / T (and u = teacher / T), sums in ACC;
  *   pass 2: per-entry value term e_j and gradient term a_j (a_j kept in grad), sums of e and a;
- *   pass 3: grad_j = (a_j - q_j * sum a) * row_weight / T.
- * Rows with kept[i] == 0 get value 0 and gradient 0. A kept row whose logsumexp is not finite sets
+ *   pass 3: grad_j = (a_j - q_j * sum a) * row_weight / T; every grad_j NaN when sum a is not finite (a
+ *           reverse-KL-type value of +inf), as refslm.losses.
+ * Rows with kept[i] == 0 get value 0 and gradient 0. A kept row whose log normaliser is not finite sets
  * status[i] = 1 (student) or 2 (teacher); the host raises.
  */
 #include "common.h"
@@ -36,19 +37,28 @@ inline REAL safe_exp_sum(REAL l0, REAL l1, REAL l2) {
     return exp(l0 + l1 + l2);
 }
 
-/* log of the row's softmax normaliser: shift + log(sum exp(x / T - shift)), shift = max if finite. */
-inline REAL row_logsumexp(__global const REAL *x, const int V, const REAL T, __local REAL *rscratch,
-                          __local ACC *ascratch) {
+/* The row's softmax normaliser of x / T as shift + log_total: shift = the max if finite (else 0), log_total =
+ * log(sum exp(x / T - shift)) summed in ACC, kept apart as refslm.losses keeps them, so that log_softmax
+ * (log_softmax_at) subtracts the shift first and keeps full precision when |shift| is large (logits ~1e4 in
+ * float32). log_total is not finite for a row of NaN, +inf, or only -inf. */
+typedef struct { REAL shift, log_total; } LogNormaliser;
+
+inline LogNormaliser row_log_normaliser(__global const REAL *x, const int V, const REAL T, __local REAL *rscratch,
+                                        __local ACC *ascratch) {
     const int lid = get_local_id(0), wg = get_local_size(0);
     REAL m = -INFINITY;
     for (int j = lid; j < V; j += wg) m = fmax(m, x[j] / T);
     m = group_max(m, rscratch);
-    const REAL shift = isfinite(m) ? m : (REAL)0;
+    LogNormaliser n;
+    n.shift = isfinite(m) ? m : (REAL)0;
     ACC total = 0;
-    for (int j = lid; j < V; j += wg) total += (ACC)exp(x[j] / T - shift);
-    total = group_sum_acc(total, ascratch);
-    return (REAL)((ACC)shift + log(total));
+    for (int j = lid; j < V; j += wg) total += (ACC)exp(x[j] / T - n.shift);
+    n.log_total = (REAL)log(group_sum_acc(total, ascratch));
+    return n;
 }
+
+/* log softmax of one entry x / T of a row with normaliser n: (x / T - shift) - log_total. */
+inline REAL log_softmax_at(const REAL x_over_T, const LogNormaliser n) { return (x_over_T - n.shift) - n.log_total; }
 
 __kernel void loss_rows(const int V, const int kind, const REAL T, const REAL beta, const REAL log_w,
                         const REAL log_1mw, const REAL smooth_off, const REAL smooth_on,
@@ -69,21 +79,22 @@ __kernel void loss_rows(const int V, const int kind, const REAL T, const REAL be
         }
         return;
     }
-    const REAL lse_q = row_logsumexp(s, V, T, rscratch, ascratch);
-    const REAL lse_p = kind == KIND_CROSS_ENTROPY ? (REAL)0 : row_logsumexp(t, V, T, rscratch, ascratch);
-    if (lid == 0) status[row] = !isfinite(lse_q) ? 1 : (!isfinite(lse_p) ? 2 : 0);
+    const LogNormaliser nq = row_log_normaliser(s, V, T, rscratch, ascratch);
+    LogNormaliser np = {0, 0};
+    if (kind != KIND_CROSS_ENTROPY) np = row_log_normaliser(t, V, T, rscratch, ascratch);
+    if (lid == 0) status[row] = !isfinite(nq.log_total) ? 1 : (!isfinite(np.log_total) ? 2 : 0);
     const long target = kind == KIND_CROSS_ENTROPY ? targets[row] : -1;
 
     ACC value = 0, a_sum = 0;
     for (int j = lid; j < V; j += wg) {
-        const REAL log_q = s[j] / T - lse_q;
+        const REAL log_q = log_softmax_at(s[j] / T, nq);
         REAL e, a;
         if (kind == KIND_CROSS_ENTROPY) {
             const REAL w = j == target ? smooth_off + smooth_on : smooth_off;
             e = w > 0 ? -w * log_q : (REAL)0;
             a = -w;
         } else {
-            const REAL log_p = t[j] / T - lse_p;
+            const REAL log_p = log_softmax_at(t[j] / T, np);
             if (kind == KIND_FORWARD_KL) {
                 e = x_log_x_over_y(log_p, log_q);
                 a = -exp(log_p);
@@ -109,8 +120,9 @@ __kernel void loss_rows(const int V, const int kind, const REAL T, const REAL be
         g[j] = a;
     }
     value = group_sum_acc(value, ascratch);
-    const REAL a_total = (REAL)group_sum_acc(a_sum, ascratch);
+    const ACC a_acc = group_sum_acc(a_sum, ascratch);
+    const REAL a_total = isfinite(a_acc) ? (REAL)a_acc : NAN;  /* value +inf: the whole gradient row is NaN */
     if (lid == 0) values[row] = value;
     const REAL scale = grad_scale[row];
-    for (int j = lid; j < V; j += wg) g[j] = (g[j] - exp(s[j] / T - lse_q) * a_total) * scale;
+    for (int j = lid; j < V; j += wg) g[j] = (g[j] - exp(log_softmax_at(s[j] / T, nq)) * a_total) * scale;
 }
