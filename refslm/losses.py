@@ -49,7 +49,8 @@ def _log_mixture(log_a: np.ndarray, log_b: np.ndarray, weight_a: float) -> np.nd
     if weight_a in (0.0, 1.0):
         return log_a if weight_a == 1.0 else log_b
     dtype = log_a.dtype.type
-    return np.logaddexp(log_a + dtype(np.log(weight_a)), log_b + dtype(np.log1p(-weight_a)))
+    with np.errstate(invalid="ignore"):  # NaN only in rows the loss drops (kept rows are finite or -inf)
+        return np.logaddexp(log_a + dtype(np.log(weight_a)), log_b + dtype(np.log1p(-weight_a)))
 
 
 def _safe_exp_sum(*logs: np.ndarray) -> np.ndarray:
@@ -188,9 +189,12 @@ def _log_softmax(z: np.ndarray, shift: np.ndarray, log_total: np.ndarray) -> np.
     """z [n, v], shift [n], log_total [n] -> [n, v]: (z - shift) - log_total.
 
     logsumexp(z) = shift + log_total; subtracting the shift first keeps full precision when
-    |shift| is large (logits ~1e4 in float32), where z - (shift + log_total) would lose it.
+    |shift| is large (logits ~1e4 in float32), where z - (shift + log_total) would lose it. A row whose
+    log_total is not finite (NaN, +inf or no finite logit: only rows the loss drops, since kept rows are
+    checked) becomes NaN without a warning: dropped rows may hold anything (SPEC 6.3).
     """
-    return (z - shift[:, None]) - log_total[:, None]
+    with np.errstate(invalid="ignore"):
+        return (z - shift[:, None]) - log_total[:, None]
 
 
 def _log_normaliser_rows(z: np.ndarray, name: str, row_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
