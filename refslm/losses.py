@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .ops import check_float, check_int, check_number, check_real
+from .ops import check_bool, check_float, check_int, check_number, check_real
 
 KINDS = ("cross_entropy", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 NEG_INF = -np.inf
@@ -272,6 +272,10 @@ def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple
                              f"got {tuple(teacher[0])} {teacher[1]}")
         targets = None
     _check_temperature(temperature, scale_by_t2=False)
+    tiny = np.finfo(dtype).tiny
+    if abs(float(np.asarray(temperature).astype(dtype))) < tiny:  # the logits are divided in their dtype
+        raise ValueError(f"temperature {temperature!r} is below the smallest normal {np.dtype(dtype).name} "
+                         f"({tiny:.3g}), the dtype of the logits it divides")
     _check_fraction("beta", beta)
     _check_fraction("label_smoothing", label_smoothing)
     return targets, row_weight
@@ -373,15 +377,18 @@ def _online_log_normaliser(x: np.ndarray, temperature: float, columns: list[slic
     return shift.astype(x.dtype), log_total.astype(x.dtype)
 
 
+def _check_ignore_index(ignore_index) -> int:
+    """An int of the int64 range (the ids it is compared with are int64) -> int."""
+    return check_int("ignore_index", ignore_index, -2**63, 2**63)
+
+
 def _check_chunks(chunk_size) -> tuple[int, int]:
-    """chunk_size -> (chunk_rows, chunk_vocab), both positive ints."""
-    try:
-        chunk_rows, chunk_vocab = (int(c) for c in chunk_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"chunk_size must be (chunk_rows, chunk_vocab), got {chunk_size!r}") from None
-    if chunk_rows < 1 or chunk_vocab < 1:
-        raise ValueError(f"chunk_size entries must be >= 1, got {chunk_size!r}")
-    return chunk_rows, chunk_vocab
+    """chunk_size -> (chunk_rows, chunk_vocab): a pair of ints >= 1 (TypeError for a non-int entry such as 2.7,
+    which would otherwise be truncated)."""
+    if not isinstance(chunk_size, (tuple, list)) or len(chunk_size) != 2:
+        raise ValueError(f"chunk_size must be (chunk_rows, chunk_vocab), got {chunk_size!r}")
+    return check_int("chunk_size[0] (chunk_rows)", chunk_size[0], 1), check_int("chunk_size[1] (chunk_vocab)",
+                                                                             chunk_size[1], 1)
 
 
 # ---------------------------------------------------------------- plans: which terms, which row weights
@@ -490,7 +497,7 @@ def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.
     if mask is not None and labels is not None:
         raise ValueError("give mask or labels, not both")
     if labels is not None:
-        return _check_ids("labels", labels, leading) != check_int("ignore_index", ignore_index, None)
+        return _check_ids("labels", labels, leading) != _check_ignore_index(ignore_index)
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -521,8 +528,9 @@ def row_weights(leading: tuple[int, ...], kept: np.ndarray | None, reduction: st
 
 
 def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
-    """-> the coefficient of the divergence: T^2 if scale_by_t2 else 1. T must be finite and > 0."""
+    """-> the coefficient of the divergence: T^2 if scale_by_t2 (True or False) else 1. T must be finite and > 0."""
     t = check_number("temperature", temperature)
+    check_bool("scale_by_t2", scale_by_t2)
     if scale_by_t2 and not math.isfinite(t * t):
         raise ValueError(f"temperature**2 (scale_by_t2) overflows float64, got temperature {temperature!r}")
     return t * t if scale_by_t2 else 1.0
@@ -682,7 +690,7 @@ def cross_entropy(student, targets, *, ignore_index: int = -100, label_smoothing
     """
     leading, _ = _check_student(student)
     targets = _check_ids("targets", targets, leading)
-    weights = row_weights(leading, targets != check_int("ignore_index", ignore_index, None), reduction, 1.0)
+    weights = row_weights(leading, targets != _check_ignore_index(ignore_index), reduction, 1.0)
     term = LossTerm("cross_entropy", weights, student.shape[-1],
                     label_smoothing=_check_fraction("label_smoothing", label_smoothing))
     plan = LossPlan((term,), None, targets, leading, reduction == "none")
@@ -725,10 +733,11 @@ def reverse_kl(student, teacher, **options):
 
 
 def _no_beta(name: str, options: dict) -> dict:
-    """A plain KL has no beta: passing one (meant for jsd or a skew) is an error, not silently ignored."""
+    """A plain KL has no beta, and a skew's weight is alpha: a beta passed to them (meant for generalized_jsd,
+    or for `divergence`, which calls the skews' weight beta) is an error, not silently ignored."""
     if "beta" in options:
-        raise TypeError(f"{name} takes no beta (it belongs to generalized_jsd and the skews), got "
-                        f"beta={options['beta']!r}")
+        owner = "its weight is alpha" if name.startswith("skew") else "it belongs to generalized_jsd and the skews"
+        raise TypeError(f"{name} takes no beta ({owner}), got beta={options['beta']!r}")
     return options
 
 
@@ -743,12 +752,14 @@ def generalized_jsd(student, teacher, beta: float = 0.5, **options):
 
 def skew_kl(student, teacher, alpha: float = 0.1, **options):
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); options as `divergence`."""
-    return divergence("skew_kl", student, teacher, beta=_check_fraction("alpha", alpha), **options)
+    return divergence("skew_kl", student, teacher, beta=_check_fraction("alpha", alpha),
+                      **_no_beta("skew_kl", options))
 
 
 def skew_reverse_kl(student, teacher, alpha: float = 0.1, **options):
     """DistiLLM skew reverse KL: KL(q || (1 - alpha) p + alpha q); options as `divergence`."""
-    return divergence("skew_reverse_kl", student, teacher, beta=_check_fraction("alpha", alpha), **options)
+    return divergence("skew_reverse_kl", student, teacher, beta=_check_fraction("alpha", alpha),
+                      **_no_beta("skew_reverse_kl", options))
 
 
 def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | None = None, mode: str = "paper",
@@ -772,7 +783,7 @@ def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | 
     leading, vocab = _check_student(student)
     alpha = _check_fraction("alpha", alpha)
     targets = _check_ids("targets", targets, leading)
-    kept = targets != check_int("ignore_index", ignore_index, None)
+    kept = targets != _check_ignore_index(ignore_index)
     if kept.any() and not (0 <= targets[kept].min() and targets[kept].max() < vocab):  # checked even at alpha 1
         raise ValueError(f"targets that are not ignore_index must lie in [0, {vocab}), got values in "
                          f"[{targets[kept].min()}, {targets[kept].max()}]")

@@ -493,6 +493,10 @@ def test_streaming_temporaries_stay_within_a_chunk():
     (lambda s, t, y: losses.reverse_kl(s, t, grad_out=t), "grad_out must not overlap student or teacher"),
     (lambda s, t, y: losses.fused_linear_loss(s[0], t[0], y[0] % 3, loss="cross_entropy", chunk_rows=2.5),
      "chunk_rows must be an int >= 1, got 2.5"),
+    (lambda s, t, y: losses.cross_entropy(s, y, ignore_index=2**70),
+     r"ignore_index must be an int in \[-9223372036854775808, 9223372036854775808\), got 1180591620717411303424"),
+    (lambda s, t, y: losses.kd_loss(s, t, y, ignore_index=np.uint64(2**64 - 1)),
+     r"ignore_index must be an int in \[.*got np.uint64\(18446744073709551615\)"),
 ])
 def test_bad_input_is_a_clear_error(call, message):
     s, t = logits(51, (2, 3, 5)), logits(52, (2, 3, 5))
@@ -507,8 +511,15 @@ def test_bad_input_is_a_clear_error(call, message):
     (lambda s, t, y: losses.kd_loss(s, t, y, alpha=None), "alpha must be a real number, got NoneType"),
     (lambda s, t, y: losses.cross_entropy(s, y, label_smoothing=True), "label_smoothing must be a real number"),
     (lambda s, t, y: losses.forward_kl(s, t, labels=y, ignore_index=np.array([1, 2])),
-     r"ignore_index must be an int, got array\(\[1, 2\]\) \(ndarray\)"),
-    (lambda s, t, y: losses.cross_entropy(s, y, ignore_index=0.0), r"ignore_index must be an int, got 0.0 \(float\)"),
+     r"ignore_index must be an int in \[.*\), got array\(\[1, 2\]\) \(ndarray\)"),
+    (lambda s, t, y: losses.cross_entropy(s, y, ignore_index=0.0),
+     r"ignore_index must be an int in \[.*\), got 0.0 \(float\)"),
+    (lambda s, t, y: losses.forward_kl(s, t, temperature=2.0, scale_by_t2="no"),
+     r"scale_by_t2 must be True or False, got 'no' \(str\)"),
+    (lambda s, t, y: losses.forward_kl(s, t, chunk_size=(2.7, 4)),
+     r"chunk_size\[0\] \(chunk_rows\) must be an int >= 1, got 2.7 \(float\)"),
+    (lambda s, t, y: losses.skew_kl(s, t, beta=0.3), r"skew_kl takes no beta \(its weight is alpha\), got beta=0.3"),
+    (lambda s, t, y: losses.skew_reverse_kl(s, t, beta=0.3), "skew_reverse_kl takes no beta"),
 ])
 def test_wrongly_typed_settings_are_a_type_error(call, message):
     s, t = logits(51, (2, 3, 5)), logits(52, (2, 3, 5))
@@ -740,3 +751,17 @@ def test_dropped_rows_may_hold_anything_without_a_warning(bad, form):
             assert np.isfinite(value) and (grad[1] == 0).all()
         value, grad = losses.cross_entropy(s, np.array([1, -100, 2]), **form)
         assert np.isfinite(value) and (grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
+def test_a_temperature_below_the_dtypes_normal_range_is_named(backend):
+    """temperature 1e-300 is 0 in float32: every backend refuses it naming the temperature (numpy and opencl
+    once blamed the logits, after dividing by 0; numba computed a value)."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    s = logits(68, (3, 5), dtype=np.float32)
+    for temperature in (1e-300, 1e-40):
+        with pytest.raises(ValueError, match=f"temperature {temperature} is below the smallest normal float32"):
+            losses.kd_loss(s, s[::-1].copy(), np.array([1, 2, 3]), temperature=temperature, backend=backend)
+    value, _ = losses.kd_loss(s, s[::-1].copy(), np.array([1, 2, 3]), temperature=1e-30, backend=backend)
+    assert np.isfinite(value)
