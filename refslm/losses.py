@@ -122,8 +122,8 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     float64. Rows may be strided views; the last axis is contiguous. Every row i with
     row_weight[i] != 0 must hold finite values or -inf and at least one finite value (ValueError
     otherwise); rows with row_weight[i] == 0 are not evaluated: values[i] = 0, grad[i] = 0.
-    Returns values [N] float64 and grad [N, V] in student's dtype (written into grad_out [N, V] when
-    given, and grad_out is returned), with grad[i] = row_weight[i] * d values[i] / d student[i].
+    Returns values [N] float64 and grad [N, V] in student's dtype, C-contiguous (written into grad_out [N, V]
+    when given, and grad_out is returned), with grad[i] = row_weight[i] * d values[i] / d student[i].
 
     With T = temperature > 0, z = student / T, u = teacher / T, log q = log_softmax(z),
     log p = log_softmax(u), and x log(x/y) read as 0 when x = 0 and +inf when x > 0 = y:
@@ -153,7 +153,7 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     student, teacher, targets, row_weight = check_rows(kind, student, teacher, targets, row_weight,
                                                         temperature, beta, label_smoothing, grad_out)
     n, vocab = student.shape
-    grad = np.empty_like(student) if grad_out is None else grad_out
+    grad = rows_grad(student, grad_out)
     z = student / student.dtype.type(temperature)
     log_q = _log_softmax(z, *_log_normaliser_rows(z, "student", row_weight))
     if kind == "cross_entropy":
@@ -166,6 +166,12 @@ def loss_rows(kind: str, student: np.ndarray, teacher: np.ndarray | None, target
     a_sum = np.sum(a, axis=-1, dtype=np.float64)
     grad[...] = _gradient(a, log_q, a_sum, row_weight / temperature)
     return _zero_dropped(values, grad, row_weight)
+
+
+def rows_grad(student: np.ndarray, grad_out: np.ndarray | None) -> np.ndarray:
+    """loss_rows' gradient array [N, V]: grad_out when given, else a new C-contiguous array of student's shape and
+    dtype, whatever student's memory layout."""
+    return np.empty(student.shape, student.dtype) if grad_out is None else grad_out
 
 
 def _gradient(a: np.ndarray, log_q: np.ndarray, a_sum: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -271,11 +277,7 @@ def check_rows_contract(kind: str, shape: tuple[int, ...], dtype, teacher: tuple
             raise ValueError(f"teacher must match student's shape {tuple(shape)} and dtype {dtype}, "
                              f"got {tuple(teacher[0])} {teacher[1]}")
         targets = None
-    _check_temperature(temperature, scale_by_t2=False)
-    tiny = np.finfo(dtype).tiny
-    if abs(float(np.asarray(temperature).astype(dtype))) < tiny:  # the logits are divided in their dtype
-        raise ValueError(f"temperature {temperature!r} is below the smallest normal {np.dtype(dtype).name} "
-                         f"({tiny:.3g}), the dtype of the logits it divides")
+    _check_temperature_in(dtype, temperature)
     _check_fraction("beta", beta)
     _check_fraction("label_smoothing", label_smoothing)
     return targets, row_weight
@@ -303,7 +305,7 @@ def loss_rows_streaming(kind: str, student: np.ndarray, teacher: np.ndarray | No
     student, teacher, targets, row_weight = check_rows(kind, student, teacher, targets, row_weight,
                                                         temperature, beta, label_smoothing, grad_out)
     chunk_rows, chunk_vocab = _check_chunks((chunk_rows, chunk_vocab))
-    grad = np.empty_like(student) if grad_out is None else grad_out
+    grad = rows_grad(student, grad_out)
     values = np.zeros(student.shape[0])
     for rows in _blocks(student.shape[0], chunk_rows):
         values[rows] = _stream_block(kind, student[rows], None if teacher is None else teacher[rows],
@@ -498,8 +500,11 @@ def _kept_rows(leading: tuple[int, ...], mask, labels, ignore_index: int) -> np.
         raise ValueError("give mask or labels, not both")
     if labels is not None:
         return _check_ids("labels", labels, leading) != _check_ignore_index(ignore_index)
-    if mask is None:
-        return None
+    return None if mask is None else _check_mask(mask, leading)
+
+
+def _check_mask(mask, leading: tuple[int, ...]) -> np.ndarray:
+    """A bool mask of the rows' shape (True keeps) -> [N] bool."""
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ or mask.shape != leading:
         raise ValueError(f"mask must be a bool array of shape {leading}, got {mask.dtype} {mask.shape}")
@@ -534,6 +539,17 @@ def _check_temperature(temperature: float, scale_by_t2: bool) -> float:
     if scale_by_t2 and not math.isfinite(t * t):
         raise ValueError(f"temperature**2 (scale_by_t2) overflows float64, got temperature {temperature!r}")
     return t * t if scale_by_t2 else 1.0
+
+
+def _check_temperature_in(dtype, temperature: float) -> None:
+    """The logits are divided by T in their dtype, so T must be a finite number > 0 within that dtype's normal range
+    (float32: [1.18e-38, 3.40e38]; T compared as given), else ValueError naming temperature, not the logits: below,
+    T is subnormal or 0 in the dtype and logits / T overflow; above, T rounds to inf."""
+    t = check_number("temperature", temperature)
+    info = np.finfo(dtype)
+    if not float(info.tiny) <= t <= float(info.max):  # compared in float64 (as given)
+        raise ValueError(f"temperature {temperature!r} is outside the normal range [{info.tiny:.3g}, {info.max:.3g}] "
+                         f"of {info.dtype.name}, the dtype of the logits it divides")
 
 
 def _check_fraction(name: str, x: float) -> float:
@@ -764,18 +780,20 @@ def skew_reverse_kl(student, teacher, alpha: float = 0.1, **options):
 
 def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | None = None, mode: str = "paper",
             beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False, ignore_index: int = 0,
-            label_smoothing: float = 0.0, vocab_policy: str | None = None, backend="numpy", chunk_size=None,
-            grad_out=None):
+            mask=None, label_smoothing: float = 0.0, vocab_policy: str | None = None, backend="numpy",
+            chunk_size=None, grad_out=None):
     """The paper's objective alpha * KD + (1 - alpha) * CE on one set of student logits.
 
     student [N, V] | [B, T, V], teacher [..., Vt], targets [N] | [B, T] ids (ignore_index, default
-    Mu's pad id 0, marks padding). CE is on the student's full vocabulary at temperature 1, mean
-    over kept tokens. KD per mode:
+    Mu's pad id 0, marks padding). The kept tokens are targets != ignore_index, or, when mask (bool [N] |
+    [B, T], True keeps; e.g. KDBatch.valid_mask, which keeps a target token replaced by UNK = pad = 0) is
+    given, mask's True entries (ignore_index is then not used, as in `divergence`); their targets must lie
+    in [0, V). CE is on the student's full vocabulary at temperature 1, mean over kept tokens. KD per mode:
       "paper": divergence (default "reverse_kl", as the paper's text says; any divergence kind, beta
-        its parameter), temperature / scale_by_t2, masked by targets != ignore_index, sum / kept
-        tokens; vocab_policy default "error".
+        its parameter), temperature / scale_by_t2, over the kept tokens, sum / kept tokens; vocab_policy
+        default "error".
       "public_code": exactly microsoft/encoder-decoder-slm: forward KL, no mask, batchmean over all
-        B*T rows, both vocabularies cut to the smaller one; divergence, temperature, scale_by_t2,
+        B*T rows, both vocabularies cut to the smaller one; divergence, temperature, scale_by_t2, mask,
         label_smoothing and vocab_policy must be left at their defaults (or name that behaviour).
     alpha 0 is the CE alone and alpha 1 the KD alone (the other term is not evaluated).
     Returns (value, grad_student_logits); see `evaluate` for backend / chunk_size / grad_out.
@@ -783,18 +801,19 @@ def kd_loss(student, teacher, targets, *, alpha: float = 0.9, divergence: str | 
     leading, vocab = _check_student(student)
     alpha = _check_fraction("alpha", alpha)
     targets = _check_ids("targets", targets, leading)
-    kept = targets != _check_ignore_index(ignore_index)
+    kept = targets != _check_ignore_index(ignore_index) if mask is None else _check_mask(mask, leading)
     if kept.any() and not (0 <= targets[kept].min() and targets[kept].max() < vocab):  # checked even at alpha 1
-        raise ValueError(f"targets that are not ignore_index must lie in [0, {vocab}), got values in "
+        which = "that are not ignore_index" if mask is None else "where mask is True"
+        raise ValueError(f"targets {which} must lie in [0, {vocab}), got values in "
                          f"[{targets[kept].min()}, {targets[kept].max()}]")
     if mode == "paper":
         kind, policy, kd_kept = divergence or "reverse_kl", vocab_policy or "error", kept
     elif mode == "public_code":
         if divergence not in (None, "forward_kl") or vocab_policy not in (None, "truncate") or temperature != 1.0 \
-                or scale_by_t2 or label_smoothing != 0.0:
-            raise ValueError("mode='public_code' is forward KL at temperature 1 without T^2, label smoothing or a "
-                             "vocabulary error: leave divergence, temperature, scale_by_t2, label_smoothing and "
-                             "vocab_policy unset")
+                or scale_by_t2 or label_smoothing != 0.0 or mask is not None:
+            raise ValueError("mode='public_code' is forward KL at temperature 1 without T^2, label smoothing, a mask "
+                             "or a vocabulary error: leave divergence, temperature, scale_by_t2, mask, "
+                             "label_smoothing and vocab_policy unset")
         kind, policy, kd_kept = "forward_kl", "truncate", None
     else:
         raise ValueError(f"mode must be 'paper' or 'public_code', got {mode!r}")

@@ -1,6 +1,7 @@
 """Losses: hand cases, infinite cases, properties, finite differences, forms, bad input (NumPy only)."""
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -754,14 +755,105 @@ def test_dropped_rows_may_hold_anything_without_a_warning(bad, form):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
-def test_a_temperature_below_the_dtypes_normal_range_is_named(backend):
-    """temperature 1e-300 is 0 in float32: every backend refuses it naming the temperature (numpy and opencl
-    once blamed the logits, after dividing by 0; numba computed a value)."""
+@pytest.mark.parametrize("dtype,refused,accepted", [
+    (np.float32, (1e-300, 1e-40, 3.5e38, 1e300), (1e-30, 3.4e38)),
+    (np.float64, (1e-310, 5e-324), (1e-300, 1e300)),
+])
+def test_a_temperature_outside_the_dtypes_normal_range_is_named(backend, dtype, refused, accepted):
+    """The logits are divided by T in their dtype: a T that is subnormal, 0 or inf there is refused by every
+    backend alike, naming the temperature and without a warning (1e-300 in float32: numpy and opencl once blamed
+    the logits after dividing by 0, numba computed a value; 1e39 in float32 became inf with an overflow warning)."""
+    if backend not in available_backends() or np.dtype(dtype).name not in get_backend(backend).dtypes:
+        pytest.skip(f"{backend} not available in {np.dtype(dtype).name}")
+    s = logits(68, (3, 5), dtype=dtype)
+
+    def kd(temperature):
+        return losses.kd_loss(s, s[::-1].copy(), np.array([1, 2, 3]), temperature=temperature, backend=backend)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for temperature in refused:
+            with pytest.raises(ValueError, match=re.escape(f"temperature {temperature} is outside the normal range ")
+                               + rf"\[.*\] of {np.dtype(dtype).name}"):
+                kd(temperature)
+        for temperature in accepted:
+            assert np.isfinite(kd(temperature)[0])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
+@pytest.mark.parametrize("kind", ["cross_entropy", "reverse_kl"])
+def test_loss_rows_returns_a_c_contiguous_gradient_for_any_student_layout(backend, kind):
+    """loss_rows' own gradient (grad_out not given) is a new C-contiguous array whatever the student's layout, equal
+    to the contiguous student's (numpy and numba once returned a Fortran-ordered one for a Fortran student)."""
     if backend not in available_backends():
         pytest.skip(f"{backend} not available")
-    s = logits(68, (3, 5), dtype=np.float32)
-    for temperature in (1e-300, 1e-40):
-        with pytest.raises(ValueError, match=f"temperature {temperature} is below the smallest normal float32"):
-            losses.kd_loss(s, s[::-1].copy(), np.array([1, 2, 3]), temperature=temperature, backend=backend)
-    value, _ = losses.kd_loss(s, s[::-1].copy(), np.array([1, 2, 3]), temperature=1e-30, backend=backend)
-    assert np.isfinite(value)
+    be = get_backend(backend)
+    s, t = logits(69, (4, 6), dtype=np.float32), logits(70, (4, 6), dtype=np.float32)
+    options = dict(temperature=2.0, beta=0.0, label_smoothing=0.1)
+    y, w = np.array([0, 5, 2, 3]), np.array([1.0, 0.5, 0.0, 2.0])
+    teacher = None if kind == "cross_entropy" else be.asarray(t)
+    _, want = be.loss_rows(kind, be.asarray(s), teacher, y, w, **options)
+    for strided in (np.asfortranarray(s), np.ascontiguousarray(s.T).T):
+        _, grad = be.loss_rows(kind, be.asarray(strided), teacher, y, w, **options)
+        grad = be.to_numpy(grad)
+        assert grad.flags.c_contiguous
+        np.testing.assert_array_equal(grad, be.to_numpy(want))
+    if backend == "numpy":
+        _, grad = losses.loss_rows_streaming(kind, np.asfortranarray(s), None if teacher is None else t, y, w,
+                                             chunk_rows=3, chunk_vocab=4, **options)
+        assert grad.flags.c_contiguous
+
+
+def unk_batch():
+    """A paper-layout KD batch whose second target token is 0 (an id >= tokenizer_size replaced by UNK = PAD = 0):
+    labels [3, 0, 4, 0, 0], valid_mask [T, T, T, F, F]; student and teacher logits [1, 5, 6]."""
+    from refslm.align import PaperLayout, gather_teacher_logits, kd_batch_from_targets
+
+    batch = kd_batch_from_targets([[5, 6, 7]], [[3, 0, 4]], PaperLayout(encoder_len=4, decoder_len=5))
+    assert batch.labels.tolist() == [[3, 0, 4, 0, 0]] and batch.valid_mask.tolist() == [[True] * 3 + [False] * 2]
+    teacher = gather_teacher_logits(logits(72, (1, 9, 6)), batch.index_map, batch.valid_mask)
+    return batch, logits(71, (1, 5, 6)), teacher
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "opencl"])
+@pytest.mark.parametrize("form", [{}, {"chunk_size": (2, 4)}])
+def test_kd_loss_mask_supervises_the_valid_positions_of_a_kd_batch(backend, form):
+    """SPEC 7: with UNK = PAD = 0 a replaced token is a valid, supervised position (valid_mask True, label 0).
+    kd_loss(mask=batch.valid_mask) keeps exactly the valid positions in both terms: alpha times the divergence
+    masked by valid_mask plus (1 - alpha) times the CE of the labels with the invalid ones ignored; the default
+    ignore_index = 0 drops the UNK position too."""
+    if backend not in available_backends() or (form and backend != "numpy"):
+        pytest.skip(f"{backend} not available (or the streaming form, NumPy only)")
+    batch, s, t = unk_batch()
+    dtype = np.float32 if backend == "opencl" else np.float64
+    s, t = s.astype(dtype), t.astype(dtype)
+    options = dict(alpha=0.7, divergence="jsd", beta=0.4, temperature=2.0, scale_by_t2=True, backend=backend, **form)
+    value, grad = losses.kd_loss(s, t, batch.labels, mask=batch.valid_mask, **options)
+    kd, kd_grad = losses.generalized_jsd(s, t, beta=0.4, mask=batch.valid_mask, temperature=2.0, scale_by_t2=True)
+    ce, ce_grad = losses.cross_entropy(s, np.where(batch.valid_mask, batch.labels, -100))
+    rtol = 16 * EPS32 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(value, 0.7 * kd + 0.3 * ce, rtol=rtol)
+    want = 0.7 * kd_grad + 0.3 * ce_grad
+    np.testing.assert_allclose(grad, want, rtol=rtol, atol=rtol * np.abs(want).max())
+    assert (grad[0, 3:] == 0).all() and (grad[0, 1] != 0).all()
+    _, by_labels = losses.kd_loss(s, t, batch.labels, **options)  # ignore_index 0: the UNK position is dropped
+    assert (by_labels[0, 1] == 0).all()
+
+
+def test_kd_loss_mask_rules():
+    """mask: a bool array of the tokens' shape; the targets it keeps must lie in [0, V) (a UNK label 0 does);
+    mode='public_code' (no mask in the public code) refuses it; the fused form takes it like the direct one."""
+    batch, s, t = unk_batch()
+    with pytest.raises(ValueError, match=r"mask must be a bool array of shape \(1, 5\)"):
+        losses.kd_loss(s, t, batch.labels, mask=batch.valid_mask.astype(int))
+    labels = np.where(batch.valid_mask, batch.labels, -100)
+    labels[0, 2] = 6
+    with pytest.raises(ValueError, match=r"targets where mask is True must lie in \[0, 6\), got values in \[0, 6\]"):
+        losses.kd_loss(s, t, labels, mask=batch.valid_mask)
+    with pytest.raises(ValueError, match="mode='public_code' .* leave divergence, temperature, scale_by_t2, mask"):
+        losses.kd_loss(s, t, batch.labels, mask=batch.valid_mask, mode="public_code")
+    hidden, head = logits(73, (1, 5, 4)), logits(74, (6, 4))
+    value, grad_hidden, _ = losses.fused_linear_loss(hidden, head, t, batch.labels, mask=batch.valid_mask, chunk_rows=2)
+    want, want_grad = losses.kd_loss(hidden @ head.T, t, batch.labels, mask=batch.valid_mask)
+    np.testing.assert_allclose(value, want, rtol=1e-12)
+    np.testing.assert_allclose(grad_hidden, want_grad @ head, rtol=1e-12, atol=1e-15)

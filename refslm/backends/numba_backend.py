@@ -99,7 +99,7 @@ class NumbaBackend(NumpyBackend):
             kind, student, teacher, targets, row_weight, temperature, beta, label_smoothing, grad_out)
         kind = losses.plain_kind(kind, beta)
         n, vocab = student.shape
-        grad = np.empty_like(student) if grad_out is None else grad_out
+        grad = losses.rows_grad(student, grad_out)
         values = np.empty(n)
         student_lse = np.empty(n)
         teacher_lse = np.empty(n)
