@@ -599,7 +599,7 @@ def _grad_buffer(student: np.ndarray, grad_out: np.ndarray | None) -> np.ndarray
     """The gradient array of evaluate: grad_out, or a new C-contiguous array like student whatever student's
     layout (its [N, V] view is written in place by the kernels)."""
     if grad_out is None:
-        return np.empty(student.shape, student.dtype)
+        return rows_grad(student, None)
     if (not isinstance(grad_out, np.ndarray) or grad_out.shape != student.shape or grad_out.dtype != student.dtype
             or not grad_out.flags.c_contiguous):
         raise ValueError(f"grad_out must be a C-contiguous ndarray of shape {student.shape} and dtype {student.dtype}")
